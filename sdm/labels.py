@@ -1,0 +1,82 @@
+"""Label maps to network input: class-id remapping, validation, one-hot, instance edges, the null label.
+
+Written once; training, generation, serving and evaluation all call these.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sdm.config import DataConfig, ModelConfig
+from sdm.errors import InvalidInputError
+
+
+def remap_raw_labels(raw: np.ndarray, data: DataConfig, num_classes: int) -> np.ndarray:
+    """Map a dataset's raw label ids to model class ids (see DataConfig)."""
+    out = raw.astype(np.int64)
+    unlabeled = data.unlabeled_id is not None and data.unlabeled_class is not None
+    mask = out == data.unlabeled_id if unlabeled else None
+    if data.label_offset:
+        out = out - data.label_offset
+        out = np.where(out < 0, out + num_classes, out)
+    if mask is not None:
+        out[mask] = data.unlabeled_class
+    return out
+
+
+def check_class_ids(label: np.ndarray | torch.Tensor, num_classes: int, what: str = "label map") -> None:
+    """Raise InvalidInputError listing every class id outside [0, num_classes)."""
+    ids = torch.as_tensor(label).unique()
+    bad = ids[(ids < 0) | (ids >= num_classes)].tolist()
+    if bad:
+        shown = ", ".join(str(int(b)) for b in bad[:20]) + (" ..." if len(bad) > 20 else "")
+        raise InvalidInputError(f"{what} has class ids outside [0, {num_classes}): {shown}")
+
+
+def instance_edges(instance: torch.Tensor) -> torch.Tensor:
+    """1.0 where a pixel's instance id differs from one of its 4 neighbours, for [..., H, W] ids."""
+    edge = torch.zeros(instance.shape, dtype=torch.bool, device=instance.device)
+    dx = instance[..., :, 1:] != instance[..., :, :-1]
+    dy = instance[..., 1:, :] != instance[..., :-1, :]
+    edge[..., :, 1:] |= dx
+    edge[..., :, :-1] |= dx
+    edge[..., 1:, :] |= dy
+    edge[..., :-1, :] |= dy
+    return edge.float()
+
+
+def label_input(
+    label: torch.Tensor,
+    model: ModelConfig,
+    instance: torch.Tensor | None = None,
+    edges_from_labels: bool = False,
+) -> torch.Tensor:
+    """[B, H, W] class ids (+ optional [B, H, W] instance ids) -> [B, label_channels, H, W] float input.
+
+    One-hot of num_classes, then the instance-edge channel when the model has one. Without an instance
+    map, the edge channel is computed from the label map when `edges_from_labels` (as the released
+    CelebAMask-HQ model was trained), else left at zero.
+    """
+    if label.dim() != 3:
+        raise InvalidInputError(f"label batch must be [B, H, W], got shape {tuple(label.shape)}")
+    check_class_ids(label, model.num_classes)
+    onehot = torch.nn.functional.one_hot(label.long(), model.num_classes).permute(0, 3, 1, 2).float()
+    if not model.instance_edges:
+        return onehot
+    if instance is None and edges_from_labels:
+        instance = label
+    if instance is None:
+        edges = torch.zeros_like(onehot[:, :1])
+    else:
+        if instance.shape != label.shape:
+            raise InvalidInputError(
+                f"instance map shape {tuple(instance.shape)} does not match label map shape {tuple(label.shape)}"
+            )
+        edges = instance_edges(instance)[:, None]
+    return torch.cat([onehot, edges], dim=1)
+
+
+def null_label(like: torch.Tensor) -> torch.Tensor:
+    """The null label of classifier-free guidance: all zeros, the shape of a label input."""
+    return torch.zeros_like(like)
