@@ -1,0 +1,74 @@
+"""Model checkpoints: weights in safetensors plus the JSON config, on any URI the storage helper takes.
+
+Layout of an exported model directory: `config.json` and `model.safetensors`. A training run directory
+holds its exported model under `model/`. Loading never unpickles code.
+"""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from sdm import storage
+from sdm.config import SDMConfig
+from sdm.errors import CheckpointError, ConfigError, StorageError
+from sdm.unet import SDMUNet
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+RUN_MODEL_DIR = "model"
+
+
+def save_model(uri: str, net: torch.nn.Module, config: SDMConfig, metadata: dict[str, str] | None = None) -> None:
+    """Write weights, then the config last: a directory with a config is complete."""
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in net.state_dict().items()}
+    storage.write_bytes(storage.join(uri, WEIGHTS_FILE), save_safetensors(tensors, metadata=metadata))
+    storage.write_bytes(storage.join(uri, CONFIG_FILE), config.to_json().encode())
+
+
+def find_model_dir(uri: str) -> str:
+    """An exported model directory, or a run directory holding one under `model/`."""
+    for candidate in (uri, storage.join(uri, RUN_MODEL_DIR)):
+        if storage.exists(storage.join(candidate, CONFIG_FILE)):
+            return candidate
+    raise CheckpointError(
+        f"no model at {uri}: expected {CONFIG_FILE} + {WEIGHTS_FILE} there or under {RUN_MODEL_DIR}/ "
+        "(convert an official checkpoint with `sdm convert-official`)"
+    )
+
+
+def load_config(uri: str) -> SDMConfig:
+    model_dir = find_model_dir(uri)
+    try:
+        return SDMConfig.from_json(storage.read_bytes(storage.join(model_dir, CONFIG_FILE)).decode())
+    except ConfigError as e:
+        raise CheckpointError(f"{model_dir}/{CONFIG_FILE}: {e}") from None
+
+
+def load_state_dict(uri: str) -> dict[str, torch.Tensor]:
+    model_dir = find_model_dir(uri)
+    try:
+        return load_safetensors(storage.read_bytes(storage.join(model_dir, WEIGHTS_FILE)))
+    except StorageError as e:
+        raise CheckpointError(str(e)) from None
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"{model_dir}/{WEIGHTS_FILE} is not a readable safetensors file: {e}") from None
+
+
+def load_model(uri: str) -> tuple[SDMUNet, SDMConfig]:
+    """Rebuild the network from its config and fill it; every parameter must be present and fit."""
+    config = load_config(uri)
+    net = SDMUNet(config.model)
+    state = load_state_dict(uri)
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"weights at {uri} do not fit their config: missing {missing[:10]}, unexpected {unexpected[:10]}, "
+            f"shape mismatches {[(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in wrong[:10]]}"
+        )
+    net.load_state_dict(state)
+    return net.eval(), config
