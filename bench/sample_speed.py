@@ -1,0 +1,106 @@
+"""Guided sampling speed: float32 vs bfloat16, batched vs two-pass guidance, against the matmul peak.
+
+Measured side by side in one run; the ratios are the result (absolute times drift on a shared machine).
+
+    python bench/sample_speed.py --preset ade20k --width 64 --size 64 --batch 4 --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from sdm.config import get_preset
+from sdm.diffusion import GaussianDiffusion
+from sdm.samplers import NoiseSource, make_denoiser, sample
+from sdm.unet import SDMUNet, count_parameters
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    """Measured GFLOP/s of an n x n matmul."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+
+
+def forward_gflops(net: torch.nn.Module, batch: int, cfg) -> float:
+    h, w = cfg.image_size
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(torch.randn(batch, 3, h, w), torch.zeros(batch), torch.rand(batch, cfg.label_channels, h, w))
+    return counter.get_total_flops() / 1e9
+
+
+def time_sampling(net, cfg, diffusion, batch: int, steps: int, dtype, batched: bool, repeats: int) -> float:
+    """Seconds per denoising step of guided DDIM sampling (best of `repeats`)."""
+    h, w = cfg.image_size
+    label = torch.rand(batch, cfg.label_channels, h, w)
+    best = float("inf")
+    for r in range(repeats + 1):  # the first run warms up kernels
+        noise = NoiseSource(list(range(batch)), (3, h, w), torch.device("cpu"))
+        start = time.perf_counter()
+        with torch.no_grad():
+            sample(lambda d: make_denoiser(net, d, label, 1.5, dtype, batched), diffusion, "ddim", steps, noise)
+        if r:
+            best = min(best, (time.perf_counter() - start) / steps)
+    return best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="ade20k")
+    p.add_argument("--width", type=int, default=64, help="model_channels (the preset's width may not fit here)")
+    p.add_argument("--size", type=int, default=64, help="short image side; the preset's aspect ratio is kept")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=2)
+    args = p.parse_args()
+
+    torch.manual_seed(0)
+    preset = get_preset(args.preset)
+    h, w = preset.model.image_size
+    scale = args.size / min(h, w)
+    attn = tuple(r for r in (args.size // 8, args.size // 16, args.size // 32) if r >= 1)
+    cfg = dataclasses.replace(
+        preset.model,
+        model_channels=args.width,
+        image_size=(int(h * scale), int(w * scale)),
+        attention_resolutions=attn if args.preset != "tiny" else preset.model.attention_resolutions,
+        num_head_channels=min(preset.model.num_head_channels, args.width),
+        norm_groups=min(preset.model.norm_groups, args.width // 4),
+    )
+    net = SDMUNet(cfg).eval()
+    diffusion = GaussianDiffusion.from_config(preset.diffusion, cfg.learn_sigma)
+    gflop_step = forward_gflops(net, 2 * args.batch, cfg)
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    print(
+        f"{args.preset} structure at width {cfg.model_channels}, {cfg.image_size[0]}x{cfg.image_size[1]}, "
+        f"{count_parameters(net) / 1e6:.1f}M params, batch {args.batch}, guidance 1.5, DDIM {args.steps} steps"
+    )
+    print(f"network: {gflop_step:.2f} GFLOP per guided step (both branches, {2 * args.batch} images)")
+    print(f"matmul peak 2048^3: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s\n")
+    print(f"{'precision':<10}{'guidance':<10}{'ms/step':>10}{'images/s':>10}{'GFLOP/s':>10}{'% peak':>8}")
+    results = {}
+    for prec, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        for mode, batched in (("batched", True), ("two-pass", False)):
+            sec = time_sampling(net, cfg, diffusion, args.batch, args.steps, dtype, batched, args.repeats)
+            results[prec, mode] = sec
+            achieved = gflop_step / sec
+            print(
+                f"{prec:<10}{mode:<10}{sec * 1e3:>10.1f}{args.batch / (sec * args.steps):>10.2f}"
+                f"{achieved:>10.0f}{100 * achieved / peaks[prec]:>7.0f}%"
+            )
+    print()
+    print(f"bf16 / fp32 speed-up (batched):        {results['fp32', 'batched'] / results['bf16', 'batched']:.2f}x")
+    print(f"batched / two-pass speed-up (bf16):    {results['bf16', 'two-pass'] / results['bf16', 'batched']:.2f}x")
+    print(f"batched / two-pass speed-up (fp32):    {results['fp32', 'two-pass'] / results['fp32', 'batched']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""One training step of SDM, shared by the local loop and the Ray Train job.
+
+Algorithm 1 of the paper: t ~ U{0..T-1}, eps ~ N(0, I), label replaced by the null label with
+probability drop_rate (fine-tuning for classifier-free guidance), loss L_simple + lambda * L_vlb.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from sdm.config import SDMConfig
+from sdm.diffusion import GaussianDiffusion
+from sdm.unet import SDMUNet
+
+
+def drop_labels(label: torch.Tensor, drop_rate: float, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace each sample's label input by the null label with probability drop_rate; returns (label, kept)."""
+    if drop_rate <= 0:
+        return label, torch.ones(label.shape[0], dtype=torch.bool, device=label.device)
+    kept = torch.rand(label.shape[0], generator=generator).to(label.device) >= drop_rate
+    return label * kept[:, None, None, None].to(label.dtype), kept
+
+
+def diffusion_loss(
+    net: nn.Module,
+    diffusion: GaussianDiffusion,
+    x0: torch.Tensor,
+    label: torch.Tensor,
+    lambda_vlb: float,
+    generator: torch.Generator | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-sample losses (loss, mse, vb) and the timesteps t they were drawn at."""
+    b = x0.shape[0]
+    t = torch.randint(0, diffusion.num_timesteps, (b,), generator=generator).to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    xt = diffusion.q_sample(x0, t, noise)
+    with torch.autocast(x0.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        out = net(xt, diffusion.model_timesteps(t), label)
+    terms = diffusion.training_losses(out.float(), x0, xt, t, noise, lambda_vlb)
+    terms["t"] = t
+    return terms
+
+
+def loss_by_quarter(loss: torch.Tensor, t: torch.Tensor, num_timesteps: int) -> dict[str, float]:
+    """Mean loss per quarter of the timestep range (q0 = least noise), for the quarters present."""
+    q = (t * 4 // num_timesteps).clamp(max=3)
+    return {f"loss_q{i}": loss[q == i].mean().item() for i in range(4) if (q == i).any()}
+
+
+def make_ema(net: nn.Module, decay: float) -> AveragedModel:
+    return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    mse: float
+    vb: float
+    grad_norm: float
+    quarters: dict[str, float] = field(default_factory=dict)
+    kept_labels: int = 0
+
+
+def train_step(
+    net: nn.Module,
+    opt: torch.optim.Optimizer,
+    diffusion: GaussianDiffusion,
+    x0: torch.Tensor,
+    label: torch.Tensor,
+    config: SDMConfig,
+    drop_rate: float = 0.0,
+    generator: torch.Generator | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> StepResult:
+    """Forward, backward, clip, step. The caller updates the EMA (it may skip non-finite steps)."""
+    label, kept = drop_labels(label, drop_rate, generator)
+    terms = diffusion_loss(net, diffusion, x0, label, config.diffusion.lambda_vlb, generator, autocast_dtype)
+    loss = terms["loss"].mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), config.train.grad_clip)
+    opt.step()
+    return StepResult(
+        loss=loss.item(),
+        mse=terms["mse"].mean().item(),
+        vb=terms["vb"].mean().item() if "vb" in terms else 0.0,
+        grad_norm=grad_norm.item(),
+        quarters=loss_by_quarter(terms["loss"].detach(), terms["t"], diffusion.num_timesteps),
+        kept_labels=int(kept.sum()),
+    )
+
+
+def train_local(
+    config: SDMConfig,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    steps: int,
+    net: SDMUNet | None = None,
+    lr: float | None = None,
+    drop_rate: float = 0.0,
+    seed: int = 0,
+    log: Callable[[int, StepResult, float], None] | None = None,
+) -> tuple[SDMUNet, AveragedModel, list[StepResult]]:
+    """A single-process training loop over (x0 in [-1, 1], label input) batches; returns (net, ema, history)."""
+    torch.manual_seed(seed)
+    net = net if net is not None else SDMUNet(config.model)
+    net.train()
+    diffusion = GaussianDiffusion.from_config(config.diffusion, config.model.learn_sigma)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr or config.train.lr, weight_decay=config.train.weight_decay)
+    ema = make_ema(net, config.train.ema_decay)
+    gen = torch.Generator().manual_seed(seed)
+    history = []
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        x0, label = next(batches)
+        result = train_step(net, opt, diffusion, x0, label, config, drop_rate, gen)
+        ema.update_parameters(net)
+        history.append(result)
+        if log is not None:
+            log(step, result, time.perf_counter() - start)
+    return net.eval(), ema, history
