@@ -6,6 +6,7 @@ probability drop_rate (fine-tuning for classifier-free guidance), loss L_simple 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -64,36 +65,61 @@ class StepResult:
     mse: float
     vb: float
     grad_norm: float
+    finite: bool = True
     quarters: dict[str, float] = field(default_factory=dict)
     kept_labels: int = 0
+    images: int = 0
 
 
 def train_step(
     net: nn.Module,
     opt: torch.optim.Optimizer,
     diffusion: GaussianDiffusion,
-    x0: torch.Tensor,
-    label: torch.Tensor,
+    microbatches: list[tuple[torch.Tensor, torch.Tensor]],
     config: SDMConfig,
     drop_rate: float = 0.0,
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> StepResult:
-    """Forward, backward, clip, step. The caller updates the EMA (it may skip non-finite steps)."""
-    label, kept = drop_labels(label, drop_rate, generator)
-    terms = diffusion_loss(net, diffusion, x0, label, config.diffusion.lambda_vlb, generator, autocast_dtype)
-    loss = terms["loss"].mean()
+    """Accumulate gradients over micro-batches, clip, and step; a non-finite gradient skips the update.
+
+    Under DDP the gradient sync runs only on the last micro-batch. The gradient norm is taken after
+    the all-reduce, so every worker agrees on whether to skip. The caller updates the EMA.
+    """
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    parts: list[dict[str, torch.Tensor]] = []
+    kept_total = 0
+    for i, (x0, label) in enumerate(microbatches):
+        label, kept = drop_labels(label, drop_rate, generator)
+        kept_total += int(kept.sum())
+        sync = i == len(microbatches) - 1 or not hasattr(net, "no_sync")
+        with contextlib.nullcontext() if sync else net.no_sync():
+            terms = diffusion_loss(net, diffusion, x0, label, config.diffusion.lambda_vlb, generator, autocast_dtype)
+            loss = terms["loss"].mean() / len(microbatches)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        parts.append({k: v.detach() for k, v in terms.items()})
+    if scaler is not None:
+        scaler.unscale_(opt)
     grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), config.train.grad_clip)
-    opt.step()
+    merged = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    # With a grad scaler, overflowing fp16 gradients are routine (the scaler backs off); only a
+    # non-finite loss counts as a bad step then.
+    finite = bool(torch.isfinite(merged["loss"]).all()) and (scaler is not None or bool(torch.isfinite(grad_norm)))
+    if scaler is not None:
+        scaler.step(opt)  # skips the update itself when the scaled gradients overflowed
+        scaler.update()
+    elif finite:
+        opt.step()
     return StepResult(
-        loss=loss.item(),
-        mse=terms["mse"].mean().item(),
-        vb=terms["vb"].mean().item() if "vb" in terms else 0.0,
+        loss=merged["loss"].mean().item(),
+        mse=merged["mse"].mean().item(),
+        vb=merged["vb"].mean().item() if "vb" in merged else 0.0,
         grad_norm=grad_norm.item(),
-        quarters=loss_by_quarter(terms["loss"].detach(), terms["t"], diffusion.num_timesteps),
-        kept_labels=int(kept.sum()),
+        finite=finite,
+        quarters=loss_by_quarter(merged["loss"], merged["t"], diffusion.num_timesteps),
+        kept_labels=kept_total,
+        images=int(merged["t"].numel()),
     )
 
 
@@ -119,8 +145,9 @@ def train_local(
     start = time.perf_counter()
     for step in range(1, steps + 1):
         x0, label = next(batches)
-        result = train_step(net, opt, diffusion, x0, label, config, drop_rate, gen)
-        ema.update_parameters(net)
+        result = train_step(net, opt, diffusion, [(x0, label)], config, drop_rate, gen)
+        if result.finite:
+            ema.update_parameters(net)
         history.append(result)
         if log is not None:
             log(step, result, time.perf_counter() - start)
