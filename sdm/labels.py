@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sdm.config import DataConfig, ModelConfig
+from sdm.config import DataConfig, ModelConfig, SDMConfig
 from sdm.errors import InvalidInputError
 
 
@@ -80,3 +80,10 @@ def label_input(
 def null_label(like: torch.Tensor) -> torch.Tensor:
     """The null label of classifier-free guidance: all zeros, the shape of a label input."""
     return torch.zeros_like(like)
+
+
+def encode_raw_labels(raw: torch.Tensor, instance: torch.Tensor | None, config: SDMConfig) -> torch.Tensor:
+    """Raw dataset label ids [B, H, W] (+ instance ids) -> the network's label input, for a whole batch."""
+    classes = remap_raw_labels(raw.cpu().numpy(), config.data, config.model.num_classes)
+    label = torch.from_numpy(classes).to(raw.device)
+    return label_input(label, config.model, instance, config.data.edges_from_labels)

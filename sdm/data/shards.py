@@ -1,0 +1,174 @@
+"""Parquet shards of samples: one row per sample, images and label maps as encoded bytes.
+
+Columns: key, image (JPEG/PNG bytes as in the source), label (PNG of class ids), instance (PNG of ids or
+null), height, width, split; a generated dataset adds its generation metadata columns. The writer publishes
+each shard atomically; the reader streams one shard at a time and checks each against the card's checksum.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from sdm import storage
+from sdm.data.card import DatasetCard, ShardInfo, read_card
+from sdm.errors import DatasetError, StorageError
+
+SHARD_DIR = "shards"
+DEFAULT_SHARD_BYTES = 256 * 2**20
+
+BASE_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("image", pa.binary()),
+        ("label", pa.binary()),
+        ("instance", pa.binary()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("split", pa.string()),
+    ]
+)
+
+
+def encode_png(arr: np.ndarray) -> bytes:
+    """An image (HxWx3 uint8) or an id map (HxW; 8-bit when ids fit, else 16-bit) as PNG bytes."""
+    if arr.ndim == 3:
+        img = Image.fromarray(arr.astype(np.uint8))
+    elif arr.max(initial=0) <= 255 and arr.min(initial=0) >= 0:
+        img = Image.fromarray(arr.astype(np.uint8))
+    elif arr.max() <= 65535 and arr.min() >= 0:
+        img = Image.fromarray(arr.astype(np.uint16))
+    else:
+        raise DatasetError(f"id map values must lie in [0, 65535] to fit a PNG, got [{arr.min()}, {arr.max()}]")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_ids(data: bytes, what: str) -> np.ndarray:
+    """A single-channel PNG of ids -> int64 HxW."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception as e:  # PIL raises many types for corrupt data
+        raise DatasetError(f"{what} is not a readable image: {e}") from None
+    if img.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
+        raise DatasetError(f"{what} must be a single-channel id map, got mode {img.mode}")
+    return np.array(img).astype(np.int64)
+
+
+def decode_image(data: bytes, what: str) -> np.ndarray:
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception as e:
+        raise DatasetError(f"{what} is not a readable image: {e}") from None
+    return np.array(img.convert("RGB"))
+
+
+def decode_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A shard row -> key, split, image uint8 HxWx3, label int64 HxW, instance int64 HxW or None."""
+    key = row["key"]
+    image = decode_image(row["image"], f"image of sample {key!r}")
+    label = decode_ids(row["label"], f"label of sample {key!r}")
+    inst = row.get("instance")
+    instance = decode_ids(inst, f"instance map of sample {key!r}") if inst is not None else None
+    for name, arr in (("label", label), ("instance map", instance)):
+        if arr is not None and arr.shape != image.shape[:2]:
+            raise DatasetError(f"sample {key!r}: {name} is {arr.shape[1]}x{arr.shape[0]} but the image is {image.shape[1]}x{image.shape[0]}")
+    return {"key": key, "split": row.get("split"), "image": image, "label": label, "instance": instance}
+
+
+def make_row(key: str, split: str, image: bytes, label: bytes, instance: bytes | None, height: int, width: int, **extra: Any) -> dict[str, Any]:
+    return {"key": key, "image": image, "label": label, "instance": instance, "height": height, "width": width, "split": split, **extra}
+
+
+class ShardWriter:
+    """Buffers rows of one split and publishes them as shards of about `target_bytes` each.
+
+    Shard names are deterministic (`shards/<prefix><split>-00000.parquet`), so rewriting a dataset replaces
+    its shards instead of adding duplicates.
+    """
+
+    def __init__(self, root_uri: str, split: str, target_bytes: int = DEFAULT_SHARD_BYTES, prefix: str = "", schema: pa.Schema = BASE_SCHEMA):
+        self.root, self.split, self.target, self.prefix, self.schema = root_uri, split, target_bytes, prefix, schema
+        self.rows: list[dict[str, Any]] = []
+        self.pending_bytes = 0
+        self.shards: list[ShardInfo] = []
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        self.pending_bytes += len(row["image"]) + len(row["label"]) + len(row.get("instance") or b"")
+        if self.pending_bytes >= self.target:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        name = f"{SHARD_DIR}/{self.prefix}{self.split}-{len(self.shards):05d}.parquet"
+        table = pa.Table.from_pylist(self.rows, schema=self.schema)
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        data = sink.getvalue().to_pybytes()
+        storage.write_bytes(storage.join(self.root, name), data)
+        self.shards.append(ShardInfo(name, self.split, len(self.rows), hashlib.sha256(data).hexdigest(), len(data)))
+        self.rows, self.pending_bytes = [], 0
+
+    def close(self) -> list[ShardInfo]:
+        self.flush()
+        return self.shards
+
+
+def read_shard_table(root_uri: str, shard: ShardInfo, verify: bool = True) -> pa.Table:
+    """One shard as an Arrow table, checked against the card's checksum."""
+    uri = storage.join(root_uri, shard.path)
+    try:
+        data = storage.read_bytes(uri)
+    except StorageError:
+        raise DatasetError(f"shard {shard.path} listed in the card of {root_uri} is missing") from None
+    if verify and hashlib.sha256(data).hexdigest() != shard.sha256:
+        raise DatasetError(f"shard {shard.path} of {root_uri} fails its checksum (corrupt or replaced)")
+    return pq.read_table(pa.BufferReader(data))
+
+
+def iter_rows(
+    root_uri: str,
+    split: str | None = None,
+    shuffle: bool = False,
+    seed: int = 0,
+    buffer_size: int = 256,
+    card: DatasetCard | None = None,
+    verify: bool = True,
+) -> Iterator[dict[str, Any]]:
+    """Stream raw rows one shard at a time; with `shuffle`, shard order and a bounded buffer are shuffled."""
+    card = card or read_card(root_uri)
+    shards = [s for s in card.shards if split is None or s.split == split]
+    rng = random.Random(seed)
+    if shuffle:
+        rng.shuffle(shards)
+    buffer: list[dict[str, Any]] = []
+    for shard in shards:
+        for batch in read_shard_table(root_uri, shard, verify).to_batches(max_chunksize=64):
+            for row in batch.to_pylist():
+                if not shuffle:
+                    yield row
+                    continue
+                buffer.append(row)
+                if len(buffer) >= buffer_size:
+                    yield buffer.pop(rng.randrange(len(buffer)))
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def iter_samples(root_uri: str, split: str | None = None, shuffle: bool = False, seed: int = 0, buffer_size: int = 256) -> Iterator[dict[str, Any]]:
+    """Decoded samples (see decode_row), streamed; usable from a plain PyTorch loop."""
+    for row in iter_rows(root_uri, split, shuffle, seed, buffer_size):
+        yield decode_row(row)
