@@ -1,0 +1,170 @@
+"""Train SDM on a Ray cluster: Ray Train DDP over Parquet shards, checkpoints on the object store.
+
+    python -m jobs.train --preset tiny --data DATA_URI --run RUN_URI --steps 300 --num-workers 2
+    python -m jobs.train --preset tiny --data DATA_URI --run FT_RUN_URI --stage finetune --init-from RUN_URI
+
+Rerunning the same command on an existing run resumes it from its latest checkpoint (--fresh starts over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import ray
+import ray.data
+import ray.train
+import ray.train.torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from jobs.train_data import check_dataset_fits, make_train_dataset
+from jobs.train_worker import train_worker
+from sdm import storage
+from sdm.config import SDMConfig, get_preset
+from sdm.data.card import read_card
+from sdm.errors import SDMError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.splitlines()[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", help="a named preset, e.g. tiny, ade20k")
+    src.add_argument("--config", help="a YAML/JSON config file or URI (may name a `preset:` to override)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. train.lr=3e-4")
+    p.add_argument("--data", required=True, help="dataset URI (shards + dataset card)")
+    p.add_argument("--run", required=True, help="run URI: checkpoints and the exported model go here")
+    p.add_argument("--stage", choices=["pretrain", "finetune"], default="pretrain")
+    p.add_argument("--init-from", help="finetune: the pretrained run (or exported model) to start from")
+    p.add_argument("--steps", type=int, required=True, help="optimizer steps in total for this run")
+    p.add_argument("--batch-size", type=int, help="per-worker micro-batch (default: the config's)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, help="default: train.lr (pretrain) or train.finetune_lr (finetune)")
+    p.add_argument("--drop-rate", type=float, help="finetune: null-label probability (default: train.drop_rate)")
+    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--max-failures", type=int, default=3, help="worker-group restarts before the run fails")
+    p.add_argument("--max-bad-steps", type=int, default=5, help="consecutive non-finite steps that stop the run")
+    p.add_argument("--shuffle-buffer", type=int, default=256, help="rows in each worker's local shuffle buffer")
+    p.add_argument("--audit-keys", action="store_true", help="write the sample keys each worker read, per epoch")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fresh", action="store_true", help="delete an existing run at --run and start over")
+    p.add_argument("--address", default=None, help="Ray address (default: the job's cluster, or a local one)")
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> SDMConfig:
+    if args.preset:
+        cfg = get_preset(args.preset)
+    else:
+        cfg = SDMConfig.from_yaml(storage.read_bytes(args.config).decode())
+    overrides = list(args.set)
+    if args.activation_checkpointing:
+        overrides.append("model.use_checkpoint=true")
+    return cfg.with_overrides(overrides) if overrides else cfg
+
+
+def validate(args: argparse.Namespace, cfg: SDMConfig) -> None:
+    """Refuse to start on inputs that cannot work, before any worker is scheduled."""
+    for name in ("steps", "grad_accum", "num_workers", "checkpoint_every", "log_every", "keep"):
+        if getattr(args, name) < 1:
+            raise SDMError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.stage == "finetune" and not args.init_from and not storage.exists(args.run):
+        raise SDMError("--stage finetune needs --init-from: the pretrained run to start from")
+    if args.init_from:
+        from sdm.checkpoint import find_model_dir
+        from jobs.train_worker import latest_checkpoint_dir
+
+        if latest_checkpoint_dir(args.init_from) is None:
+            find_model_dir(args.init_from)  # raises CheckpointError naming what is missing
+    drop = cfg.train.drop_rate if args.drop_rate is None else args.drop_rate
+    if not 0.0 <= drop < 1.0:
+        raise SDMError(f"--drop-rate must lie in [0, 1), got {drop}")
+    try:
+        storage.exists(args.run)
+    except SDMError as e:
+        raise SDMError(f"run URI {args.run} is unreachable: {e}") from None
+
+
+def run_config(args: argparse.Namespace) -> RunConfig:
+    fs, path = storage.resolve(args.run)
+    return RunConfig(
+        name=os.path.basename(path.rstrip("/")),
+        storage_path=os.path.dirname(path.rstrip("/")),
+        storage_filesystem=fs,
+        checkpoint_config=CheckpointConfig(num_to_keep=args.keep),
+        failure_config=FailureConfig(max_failures=args.max_failures),
+    )
+
+
+def _local_resources(args: argparse.Namespace) -> dict[str, int]:
+    """When this job starts its own local cluster, leave a CPU for Ray Data beside the training workers."""
+    if args.address or os.environ.get("RAY_ADDRESS"):
+        return {}
+    needed = int(args.num_workers * args.cpus_per_worker) + 1
+    return {"num_cpus": max(os.cpu_count() or 1, needed), "include_dashboard": False}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = build_config(args)
+        validate(args, cfg)
+        card = read_card(args.data)
+        check_dataset_fits(card, cfg, args.data)
+    except SDMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.fresh and storage.exists(args.run):
+        storage.delete(args.run)
+    batch = args.batch_size or cfg.train.batch_size
+    print(
+        f"global batch {args.num_workers * batch * args.grad_accum} = {args.num_workers} workers x {batch} per worker "
+        f"x {args.grad_accum} accumulation; {args.steps} steps ({args.stage}) -> {args.run}"
+    )
+    # Our own per-step progress line replaces Ray Train's print mirroring and Ray Data's bars here.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    if not ray.is_initialized():
+        ray.init(address=args.address, **_local_resources(args))
+    loop_config = {
+        "config": cfg.to_dict(),
+        "args": {k: v for k, v in vars(args).items() if k not in ("preset", "config", "set")},
+        "batch_size": batch,
+        "has_instance": card.has_instance,
+    }
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=args.num_workers,
+            use_gpu=args.use_gpu,
+            resources_per_worker={"CPU": args.cpus_per_worker, **({"GPU": 1} if args.use_gpu else {})},
+        ),
+        datasets={"train": make_train_dataset(args.data, card, cfg, args.seed)},
+        run_config=run_config(args),
+    )
+    start = time.perf_counter()
+    result = trainer.fit()
+    if result.error:
+        print(f"error: training failed: {result.error}", file=sys.stderr)
+        return 1
+    metrics = result.metrics or {}
+    print(
+        f"done in {time.perf_counter() - start:.0f}s: step {metrics.get('step')}, loss {metrics.get('loss', float('nan')):.4f}; "
+        f"checkpoints under {args.run}, model exported to {storage.join(args.run, 'model')}"
+    )
+    print(f"sample from it: sdm sample --model {args.run} --labels LABEL.png --out samples/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""The per-worker training loop that Ray Train runs on every worker."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+
+from sdm import storage
+from sdm.checkpoint import RUN_MODEL_DIR, load_state_dict, save_model
+from sdm.config import SDMConfig
+from sdm.diffusion import GaussianDiffusion
+from sdm.labels import encode_raw_labels
+from sdm.pipeline import derive_seed
+from sdm.train_state import EMA, MODEL, STATE, Progress, load_train_state, load_weights, save_train_state
+from sdm.training import StepResult, make_ema, train_step
+from sdm.unet import SDMUNet
+
+CHECKPOINT_PREFIX = "checkpoint_"
+
+
+def latest_checkpoint_dir(run_uri: str) -> str | None:
+    """The URI of a run's newest complete Ray Train checkpoint, or None."""
+    fs, path = storage.resolve(run_uri)
+    try:
+        from pyarrow.fs import FileSelector, FileType
+
+        infos = fs.get_file_info(FileSelector(path, allow_not_found=True))
+    except OSError:
+        return None
+    names = sorted(os.path.basename(i.path) for i in infos if i.type == FileType.Directory and os.path.basename(i.path).startswith(CHECKPOINT_PREFIX))
+    for name in reversed(names):
+        uri = storage.join(run_uri, name)
+        if storage.exists(storage.join(uri, STATE)):
+            return uri
+    return None
+
+
+def _autocast_and_scaler(precision: str, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
+    """bf16 autocast on GPUs that have it, fp16 with a grad scaler on those that don't, fp32 on CPUs."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None, None
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "bf16":
+        return torch.bfloat16, None
+    if precision == "fp16":
+        return torch.float16, torch.amp.GradScaler(device.type)
+    return None, None
+
+
+def _init_weights(net: SDMUNet, ema: torch.nn.Module, uri: str) -> None:
+    """Start a fine-tuning run from a pretrained run's latest weights (and EMA), or an exported model."""
+    ckpt = latest_checkpoint_dir(uri)
+    if ckpt is None:
+        weights = load_state_dict(uri)
+        net.load_state_dict(weights)
+        ema.module.load_state_dict(weights)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in (MODEL, EMA):
+            storage.write_bytes(os.path.join(tmp, name), storage.read_bytes(storage.join(ckpt, name)))
+        net.load_state_dict(load_weights(tmp, MODEL))
+        ema.load_state_dict(load_weights(tmp, EMA))
+
+
+def _collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Numeric columns to tensors; the string keys stay as they are."""
+    return {k: torch.from_numpy(v) if v.dtype.kind in "biuf" else v for k, v in batch.items()}
+
+
+def _batches(shard: Any, a: dict[str, Any], batch_size: int, epoch: int, rank: int, skip: int) -> Iterator[dict[str, Any]]:
+    """This worker's micro-batches for one epoch, reshuffled per epoch, after skipping those already trained on."""
+    it = shard.iter_torch_batches(
+        batch_size=batch_size,
+        local_shuffle_buffer_size=a["shuffle_buffer"] or None,
+        local_shuffle_seed=derive_seed(a["seed"], epoch, rank) % 2**31,
+        drop_last=True,
+        collate_fn=_collate,
+    )
+    for i, batch in enumerate(it):
+        if i >= skip:
+            yield batch
+
+
+def _to_inputs(batch: dict[str, torch.Tensor], cfg: SDMConfig, device: torch.device, has_instance: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    x0 = batch["image"].to(device, torch.float32)
+    inst = batch["instance"].to(device) if has_instance else None
+    return x0, encode_raw_labels(batch["label"].to(device), inst, cfg)
+
+
+def _log_line(step: int, total: int, r: StepResult, lr: float, ips: float, elapsed: float, done_before: int, dropped: float | None) -> str:
+    rate = (step - done_before) / max(elapsed, 1e-9)
+    eta = (total - step) / rate if rate > 0 else float("inf")
+    quarters = " ".join(f"{k[-2:]}={v:.3f}" for k, v in sorted(r.quarters.items()))
+    return (
+        f"step {step}/{total} loss {r.loss:.4f} mse {r.mse:.4f} vb {r.vb:.4f} [{quarters}] "
+        f"grad {r.grad_norm:.2f} lr {lr:.2e} {ips:.1f} img/s eta {eta:.0f}s"
+        + (f" labels dropped {dropped:.3f}" if dropped is not None else "")
+    )
+
+
+def train_worker(c: dict[str, Any]) -> None:
+    """Ray Train entry point, run on every worker."""
+    cfg = SDMConfig.from_dict(c["config"])
+    a = c["args"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(a["cpus_per_worker"])))
+    torch.manual_seed(derive_seed(a["seed"], "init"))
+
+    net = SDMUNet(cfg.model)
+    ema = make_ema(net, cfg.train.ema_decay)
+    finetune = a["stage"] == "finetune"
+    lr = a["lr"] or (cfg.train.finetune_lr if finetune else cfg.train.lr)
+    drop_rate = (cfg.train.drop_rate if a["drop_rate"] is None else a["drop_rate"]) if finetune else 0.0
+    autocast_dtype, scaler = _autocast_and_scaler(a["precision"], device)
+
+    progress = Progress(stage=a["stage"])
+    checkpoint = ray.train.get_checkpoint()
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=cfg.train.weight_decay)
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            progress = load_train_state(d, net, ema, opt, scaler)
+        if rank == 0:
+            print(f"resumed from {checkpoint.path} at step {progress.step}")
+    elif a["init_from"]:
+        _init_weights(net, ema, a["init_from"])
+    ema.to(device)
+    model = ray.train.torch.prepare_model(net)
+    diffusion = GaussianDiffusion.from_config(cfg.diffusion, cfg.model.learn_sigma)
+    shard = ray.train.get_dataset_shard("train")
+    total, accum = a["steps"], a["grad_accum"]
+    gen = torch.Generator()
+    bad_in_row, kept, seen = 0, 0, 0
+    start, done_before = time.perf_counter(), progress.step
+    window_start, window_images = time.perf_counter(), 0
+
+    while progress.step < total:
+        micro: list[tuple[torch.Tensor, torch.Tensor]] = []
+        keys_seen: list[str] = []
+        for batch in _batches(shard, a, c["batch_size"], progress.epoch, rank, progress.batches_in_epoch):
+            micro.append(_to_inputs(batch, cfg, device, c["has_instance"]))
+            if a["audit_keys"]:
+                keys_seen.extend(str(k) for k in batch["key"])
+            if len(micro) < accum:
+                continue
+            gen.manual_seed(derive_seed(a["seed"], rank, progress.step))  # the step's noise, reproducible on resume
+            r = train_step(model, opt, diffusion, micro, cfg, drop_rate, gen, autocast_dtype, scaler)
+            micro = []
+            progress.batches_in_epoch += accum
+            if not r.finite:
+                bad_in_row += 1
+                if rank == 0:
+                    print(f"warning: non-finite loss or gradient at step {progress.step + 1}; update skipped")
+                if bad_in_row >= a["max_bad_steps"]:
+                    raise RuntimeError(
+                        f"{bad_in_row} non-finite steps in a row at step {progress.step + 1}; stopping. "
+                        "The last good checkpoint is kept."
+                    )
+                continue
+            bad_in_row = 0
+            ema.update_parameters(net)
+            progress.step += 1
+            kept, seen = kept + r.kept_labels, seen + r.images
+            window_images += r.images * world
+            last = progress.step == total
+            if progress.step % a["log_every"] == 0 or last:
+                ips = window_images / (time.perf_counter() - window_start)
+                window_start, window_images = time.perf_counter(), 0
+                metrics = {
+                    "step": progress.step, "epoch": progress.epoch, "loss": r.loss, "mse": r.mse, "vb": r.vb,
+                    "grad_norm": r.grad_norm, "lr": lr, "images_per_s": ips,
+                    "label_drop_fraction": 1 - kept / max(seen, 1), **r.quarters,
+                }
+                if rank == 0:
+                    dropped = metrics["label_drop_fraction"] if finetune else None
+                    print(_log_line(progress.step, total, r, lr, ips, time.perf_counter() - start, done_before, dropped), flush=True)
+                _report(metrics, progress, net, ema, opt, scaler, cfg, rank, save=progress.step % a["checkpoint_every"] == 0 or last)
+            elif progress.step % a["checkpoint_every"] == 0:
+                _report({"step": progress.step, "loss": r.loss}, progress, net, ema, opt, scaler, cfg, rank, save=True)
+            if last:
+                break
+        if a["audit_keys"]:
+            _write_keys(a["run"], rank, progress.epoch, keys_seen)
+        if progress.step < total:
+            progress.epoch += 1
+            progress.batches_in_epoch = 0
+
+    if rank == 0:
+        save_model(storage.join(a["run"], RUN_MODEL_DIR), ema.module, cfg, metadata={"step": str(progress.step), "stage": progress.stage})
+
+
+def _report(metrics: dict[str, Any], progress: Progress, net, ema, opt, scaler, cfg: SDMConfig, rank: int, save: bool) -> None:
+    """Report metrics from every worker (a barrier); rank 0 attaches the checkpoint when saving."""
+    if not save or rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        save_train_state(tmp, net, ema, opt, scaler, progress, cfg)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{progress.step:08d}",
+        )
+
+
+def _write_keys(run_uri: str, rank: int, epoch: int, keys: list[str]) -> None:
+    uri = storage.join(run_uri, "audit", f"epoch{epoch:04d}_rank{rank}.txt")
+    storage.write_bytes(uri, "\n".join(keys).encode())
+
