@@ -141,6 +141,7 @@ def test_configs_round_trip_and_overrides():
     cfg = SDMConfig.from_yaml("preset: tiny\nmodel: {model_channels: 64}\n")
     assert cfg.model.model_channels == 64 and cfg.model.num_classes == 6
     assert json.loads(get_preset("ade20k").to_json())["model"]["channel_mult"] == [1, 1, 2, 2, 4, 4]
+    assert get_preset("tiny").with_overrides(["train.lr=2e-3"]).train.lr == 0.002
     with pytest.raises(ConfigError, match="unknown preset 'nope'"):
         get_preset("nope")
     with pytest.raises(ConfigError, match="unknown key 'model.width'"):
