@@ -55,6 +55,7 @@ class AppArgs(BaseModel):
     max_queued_requests: int = Field(64, ge=-1)
     max_batch_size: int | None = Field(None, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
+    batch_wait_under_load_s: float = Field(0.05, ge=0)
     max_queue_wait_s: float = Field(30.0, gt=0)
     api_replicas: int = Field(1, ge=1)
     auth_token: str | None = None
@@ -81,7 +82,9 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         max_queued_requests=a.max_queued_requests,
         health_check_period_s=10,
         health_check_timeout_s=60,
-    )(SDMModel).bind(a.model_uri, a.device, a.precision, batch, a.batch_wait_timeout_s, a.max_queue_wait_s)
+    )(SDMModel).bind(
+        a.model_uri, a.device, a.precision, batch, a.batch_wait_timeout_s, a.batch_wait_under_load_s, a.max_queue_wait_s
+    )
     limits = Limits(a.max_body_bytes, a.max_image_side, a.max_steps, a.max_samples)
     token = a.auth_token or os.environ.get(TOKEN_ENV) or None
     api = serve.deployment(

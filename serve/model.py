@@ -53,6 +53,7 @@ class SDMModel:
         precision: str,
         max_batch_size: int,
         batch_wait_timeout_s: float,
+        batch_wait_under_load_s: float,
         max_queue_wait_s: float,
     ):
         start = time.perf_counter()
@@ -61,6 +62,7 @@ class SDMModel:
         self.metrics = ModelMetrics.create()
         self.metrics.load_time.set(time.perf_counter() - start)
         self.max_queue_wait_s = max_queue_wait_s
+        self.batch_wait_s = (batch_wait_timeout_s, batch_wait_under_load_s)
         self._batched.set_max_batch_size(max_batch_size)
         self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -123,6 +125,9 @@ class SDMModel:
                 queue_ms = (start - p.enqueued) * 1000
                 results[i] = Output(images[row : row + n], p.seeds, queue_ms, elapsed * 1000, len(group))
                 row += n
+        # A lone request waits briefly for company; once requests come concurrently (clients resend as their
+        # results return, spread by the HTTP path) wait longer, so the next batch fills instead of splitting.
+        self._batched.set_batch_wait_timeout_s(self.batch_wait_s[len(items) > 1])
         return results
 
     def _sample(self, group: list[_Pending]) -> np.ndarray:
