@@ -96,7 +96,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--rounds", type=int, default=2, help="requests per level = rounds x concurrency (at least 16)")
-    ap.add_argument("--num-gpus", type=float, default=0)
+    ap.add_argument("--num-gpus", type=float, default=0, help="GPUs per model replica (two replicas run at once)")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
@@ -117,35 +117,33 @@ def main() -> None:
     label_png = _label_png(tuple(m.image_size), m.num_classes)
     label = np.array(Image.open(io.BytesIO(label_png)))
 
-    rows = []
-    for c in levels:
-        lat, wall = bench_direct(pipe, label, args.steps, c, max(3, 16 // c))
-        rows.append(_row("direct", c, lat, c * len(lat), wall, c))
-        print(f"  direct c={c}: {rows[-1]['img_s']:.2f} img/s", flush=True)
-
     ray.init(num_cpus=2, include_dashboard=False, num_gpus=int(args.num_gpus) or None)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    url = f"http://127.0.0.1:{port}"
+    modes = {"serve batched": max(levels), "serve unbatched": 1}
+    rows = []
     try:
-        for mode, batch in (("serve batched", max(levels)), ("serve unbatched", 1)):
+        for mode, batch in modes.items():  # both deployed at once, so every level measures them side by side
             app = build_app(
                 {
                     "model_uri": model,
                     "num_gpus": args.num_gpus,
+                    "num_cpus": 0.5,  # two replicas on a 2-CPU machine; each still runs one torch thread
                     "max_batch_size": batch,
                     "max_ongoing_requests": max(levels) + 1,
                     "max_queued_requests": -1,
                     "max_queue_wait_s": 3600,
                 }
             )
-            serve.run(app, name="bench", route_prefix="/")
-            for c in levels:
+            serve.run(app, name=mode.split()[1], route_prefix=f"/{mode.split()[1]}")
+        for c in levels:
+            lat, wall = bench_direct(pipe, label, args.steps, c, max(3, 16 // c))
+            rows.append(_row("direct", c, lat, c * len(lat), wall, c))
+            for mode in modes:
                 n = max(16, args.rounds * c)
-                lat, wall, mean_batch = bench_http(url, label_png, args.steps, c, n)
+                lat, wall, mean_batch = bench_http(f"http://127.0.0.1:{port}/{mode.split()[1]}", label_png, args.steps, c, n)
                 rows.append(_row(mode, c, lat, n, wall, mean_batch))
-                print(f"  {mode} c={c}: {rows[-1]['img_s']:.2f} img/s", flush=True)
-            serve.delete("bench")
+            print("  " + ", ".join(f"{r['mode']} {r['img_s']:.2f} img/s" for r in rows[-3:]) + f" at c={c}", flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -153,7 +151,7 @@ def main() -> None:
 
     print(f"\n{m.image_size[0]}x{m.image_size[1]} {pipe.config.name}, {args.steps} DDIM steps, guidance on, device {pipe.device}")
     print(f"{'mode':<16} {'conc':>4} {'images':>6} {'batch':>6} {'img/s':>8} {'p50 ms':>9} {'p99 ms':>9}")
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (r["mode"], r["c"])):
         print(
             f"{r['mode']:<16} {r['c']:>4} {r['n']:>6} {r['batch']:>6.1f} {r['img_s']:>8.2f} {r['p50']:>9.1f} {r['p99']:>9.1f}"
         )
