@@ -5,8 +5,8 @@ batching on and off (max batch 1), against a direct in-process pipeline call. Pr
     python bench/serve_load.py --model runs/quickstart/model --steps 25
 
 Every mode runs one model replica with one CPU thread (or the replica's GPU), and the direct calls use the
-same thread count, so the ratios compare like with like. "direct" at concurrency c is one pipeline call on c
-label maps: the ceiling that batching approaches.
+same thread count, so the ratios compare like with like. At concurrency 1 the three modes take turns request
+by request; "direct" at concurrency c > 1 is one pipeline call on c label maps: the ceiling of batching.
 """
 
 from __future__ import annotations
@@ -57,19 +57,24 @@ def _row(mode: str, concurrency: int, latencies: list[float], images: int, wall:
     }
 
 
+def _post(url: str, label: bytes, steps: int, seed: int) -> tuple[float, int]:
+    """One generate request: (latency, batch size it ran in)."""
+    t = time.perf_counter()
+    r = requests.post(
+        f"{url}/v1/generate",
+        files={"label": ("label.png", label, "image/png")},
+        data={"steps": str(steps), "seed": str(seed)},
+        timeout=600,
+    )
+    r.raise_for_status()
+    return time.perf_counter() - t, int(r.headers["x-sdm-batch-size"])
+
+
 def bench_http(url: str, label: bytes, steps: int, concurrency: int, requests_: int) -> tuple[list[float], float, float]:
     """Closed loop: `concurrency` clients send `requests_` in all; (latencies, wall time, mean batch size)."""
 
     def one(i: int) -> tuple[float, int]:
-        t = time.perf_counter()
-        r = requests.post(
-            f"{url}/v1/generate",
-            files={"label": ("label.png", label, "image/png")},
-            data={"steps": str(steps), "seed": str(i)},
-            timeout=600,
-        )
-        r.raise_for_status()
-        return time.perf_counter() - t, int(r.headers["x-sdm-batch-size"])
+        return _post(url, label, steps, i)
 
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, range(concurrency)))  # warm-up
@@ -136,7 +141,19 @@ def main() -> None:
                 }
             )
             serve.run(app, name=mode.split()[1], route_prefix=f"/{mode.split()[1]}")
-        for c in levels:
+        if 1 in levels:  # one request at a time, the three modes taking turns, so load drift hits all alike
+            paired: dict[str, list[float]] = {"direct": [], **{mode: [] for mode in modes}}
+            for i in range(-1, 16):  # round -1 warms up
+                t = time.perf_counter()
+                pipe(label, num_steps=args.steps, seed=i)
+                times = {"direct": time.perf_counter() - t}
+                times |= {mode: _post(f"http://127.0.0.1:{port}/{mode.split()[1]}", label_png, args.steps, i)[0] for mode in modes}
+                for mode, t in times.items():
+                    if i >= 0:
+                        paired[mode].append(t)
+            rows += [_row(mode, 1, paired[mode], len(paired[mode]), sum(paired[mode]), 1) for mode in paired]
+            print("  " + ", ".join(f"{r['mode']} p50 {r['p50']:.0f} ms" for r in rows[-3:]) + " at c=1", flush=True)
+        for c in (c for c in levels if c > 1):
             lat, wall = bench_direct(pipe, label, args.steps, c, max(3, 16 // c))
             rows.append(_row("direct", c, lat, c * len(lat), wall, c))
             for mode in modes:

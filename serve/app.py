@@ -159,6 +159,8 @@ class SDMApi:
     async def _healthz(self) -> Response:
         try:
             preset = await self.model.ping.remote()
+        except BackPressureError:  # alive but at capacity: not a reason to take this node out of service
+            return JSONResponse({"status": "ok", "model": self.info.preset, "busy": True})
         except Exception as e:
             raise ApiError(503, "model_unavailable", f"the model deployment does not answer: {_cause(e)}") from None
         return JSONResponse({"status": "ok", "model": preset})

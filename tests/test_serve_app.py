@@ -83,8 +83,13 @@ def test_served_images_match_the_library_pipeline(url, model_dir):
     assert out["seed"] == 3 and out["seeds"] == [derive_seed(3, 0), derive_seed(3, 1)]
     assert set(out["timings"]) == {"queue_ms", "sampling_ms", "total_ms"}
     served = np.stack([read_png(base64.b64decode(b)) for b in out["images"]])
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the replica
-    direct = SDMPipeline.from_pretrained(model_dir, device="cpu")(label_map(), num_steps=STEPS, seed=3, num_samples=2)
+    try:
+        pipe = SDMPipeline.from_pretrained(model_dir, device="cpu")
+        direct = pipe(label_map(), num_steps=STEPS, seed=3, num_samples=2)
+    finally:
+        torch.set_num_threads(threads)
     assert np.abs(served.astype(int) - direct.astype(int)).max() <= 2  # equal up to kernel rounding
     assert not np.array_equal(served[0], served[1])
 
