@@ -66,6 +66,7 @@ def serve_cluster(num_cpus: int = 2) -> Iterator[Cluster]:
 
     metrics_port, http_port = free_port(), free_port()
     ray.init(
+        address="local",  # a new cluster of our own, even where another is running on this machine
         num_cpus=num_cpus,
         include_dashboard=False,
         _metrics_export_port=metrics_port,
