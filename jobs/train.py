@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         "args": {k: v for k, v in vars(args).items() if k not in ("preset", "config", "set")},
         "batch_size": batch,
         "has_instance": card.has_instance,
+        "class_names": card.class_names,
+        "palette": card.palette,
     }
     trainer = TorchTrainer(
         train_worker,

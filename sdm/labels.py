@@ -125,6 +125,6 @@ def null_label(like: torch.Tensor) -> torch.Tensor:
 
 def encode_raw_labels(raw: torch.Tensor, instance: torch.Tensor | None, config: SDMConfig) -> torch.Tensor:
     """Raw dataset label ids [B, H, W] (+ instance ids) -> the network's label input, for a whole batch."""
-    classes = remap_raw_labels(raw.cpu().numpy(), config.data, config.model.num_classes)
+    classes = raw_to_classes(raw.cpu().numpy(), config.data, config.model.num_classes)
     label = torch.from_numpy(classes).to(raw.device)
     return label_input(label, config.model, instance, config.data.edges_from_labels)
