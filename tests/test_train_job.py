@@ -23,11 +23,22 @@ pytestmark = pytest.mark.ray
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def cluster():
     """A head and a worker node as separate raylets; the jobs connect to it by address."""
     ray_cluster_utils = pytest.importorskip("ray.cluster_utils")
-    c = ray_cluster_utils.Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    # The dashboard serves the state API the fault test uses to find a training worker's pid.
+    c = ray_cluster_utils.Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True, "dashboard_port": _free_port()}
+    )
     c.add_node(num_cpus=2)
     c.wait_for_nodes()
     yield c
