@@ -46,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.quickstart", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/quickstart")
     p.add_argument("--samples", type=int, default=512, help="toy dataset size")
-    p.add_argument("--pretrain-steps", type=int, default=300)
-    p.add_argument("--finetune-steps", type=int, default=100)
+    p.add_argument("--pretrain-steps", type=int, default=240)
+    p.add_argument("--finetune-steps", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=8, help="per worker")
     p.add_argument("--num-workers", type=int, default=2)
     args = p.parse_args(argv)
     start = time.perf_counter()
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         card = write_toy_dataset(data, n=args.samples, size=32, seed=0)
         print(f"wrote {card.split_sizes} in {len(card.shards)} shards")
 
-    common = ["--preset", "tiny", "--data", data, "--num-workers", str(args.num_workers), "--log-every", "25"]
+    common = ["--preset", "tiny", "--data", data, "--num-workers", str(args.num_workers), "--log-every", "20",
+              "--batch-size", str(args.batch_size)]
     _banner(f"2/4 pretraining on Ray Train ({args.num_workers} workers) -> {pre}")
     if train.main([*common, "--run", pre, "--steps", str(args.pretrain_steps), "--checkpoint-every", "100"]):
         return 1

@@ -105,12 +105,13 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     )
 
 
-def _local_resources(args: argparse.Namespace) -> dict[str, int]:
-    """When this job starts its own local cluster, leave a CPU for Ray Data beside the training workers."""
+def _ray_init_args(args: argparse.Namespace) -> dict:
+    """Join the given cluster (or the job's, under `ray job submit`); else start a local one that leaves
+    a CPU for Ray Data beside the training workers."""
     if args.address or os.environ.get("RAY_ADDRESS"):
-        return {}
+        return {"address": args.address}
     needed = int(args.num_workers * args.cpus_per_worker) + 1
-    return {"num_cpus": max(os.cpu_count() or 1, needed), "include_dashboard": False}
+    return {"address": "local", "num_cpus": max(os.cpu_count() or 1, needed), "include_dashboard": False}
 
 
 def prepare(args: argparse.Namespace) -> tuple[SDMConfig, DatasetCard]:
@@ -135,7 +136,7 @@ def fit(args: argparse.Namespace, cfg: SDMConfig, card: DatasetCard) -> ray.trai
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     ray.data.DataContext.get_current().enable_progress_bars = False
     if not ray.is_initialized():
-        ray.init(address=args.address, **_local_resources(args))
+        ray.init(**_ray_init_args(args))
     loop_config = {
         "config": cfg.to_dict(),
         "args": {k: v for k, v in vars(args).items() if k not in ("preset", "config", "set")},
