@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from sdm import storage
+from sdm.cli_convert import add_convert_command
 from sdm.cli_data import add_data_commands
 from sdm.config import get_preset, list_presets
 from sdm.errors import SDMError
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     add_data_commands(sub)
+    add_convert_command(sub)
     return parser
 
 
