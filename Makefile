@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 quickstart: $(STAMP)
-	$(PY) -m sdm quickstart --out runs/quickstart
+	$(PY) -m jobs.quickstart --out runs/quickstart
 
 test: $(STAMP)
 	$(PY) -m pytest -q

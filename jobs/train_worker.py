@@ -14,7 +14,7 @@ import ray.train.torch
 import torch
 
 from sdm import storage
-from sdm.checkpoint import RUN_MODEL_DIR, load_state_dict, save_model
+from sdm.checkpoint import RUN_MODEL_DIR, load_state_dict, save_classes, save_model
 from sdm.config import SDMConfig
 from sdm.diffusion import GaussianDiffusion
 from sdm.labels import encode_raw_labels
@@ -195,8 +195,10 @@ def train_worker(c: dict[str, Any]) -> None:
             progress.epoch += 1
             progress.batches_in_epoch = 0
 
-    if rank == 0:
-        save_model(storage.join(a["run"], RUN_MODEL_DIR), ema.module, cfg, metadata={"step": str(progress.step), "stage": progress.stage})
+    if rank == 0:  # the final EMA weights, in the pipeline's format, with the dataset's class names and palette
+        model_uri = storage.join(a["run"], RUN_MODEL_DIR)
+        save_classes(model_uri, c["class_names"], c["palette"])
+        save_model(model_uri, ema.module, cfg, metadata={"step": str(progress.step), "stage": progress.stage})
 
 
 def _report(metrics: dict[str, Any], progress: Progress, net, ema, opt, scaler, cfg: SDMConfig, rank: int, save: bool) -> None:

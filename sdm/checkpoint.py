@@ -1,12 +1,14 @@
 """Model checkpoints: weights in safetensors plus the JSON config, on any URI the storage helper takes.
 
-Layout of an exported model directory: `config.json` and `model.safetensors`. A training run directory
+Layout of an exported model directory: `config.json` and `model.safetensors`, and optionally
+`classes.json` (class names and palette colours, indexed by label id). A training run directory
 holds its exported model under `model/`. Loading never unpickles code.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -19,6 +21,7 @@ from sdm.unet import SDMUNet
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+CLASSES_FILE = "classes.json"
 RUN_MODEL_DIR = "model"
 
 
@@ -38,6 +41,31 @@ def find_model_dir(uri: str) -> str:
         f"no model at {uri}: expected {CONFIG_FILE} + {WEIGHTS_FILE} there or under {RUN_MODEL_DIR}/ "
         "(convert an official checkpoint with `sdm convert-official`)"
     )
+
+
+def save_classes(uri: str, names: list[str], palette: list[tuple[int, int, int]]) -> None:
+    """Write the class names and their RGB palette colours (one per label id) next to a model."""
+    if len(names) != len(palette):
+        raise CheckpointError(f"{len(names)} class names but {len(palette)} palette colours")
+    if any(len(c) != 3 or not all(0 <= int(v) <= 255 for v in c) for c in palette):
+        raise CheckpointError("palette colours must be [r, g, b] with values in 0..255")
+    body = {"names": [str(n) for n in names], "palette": [[int(v) for v in c] for c in palette]}
+    storage.write_bytes(storage.join(uri, CLASSES_FILE), json.dumps(body, indent=1).encode())
+
+
+def load_classes(uri: str) -> tuple[list[str], list[tuple[int, int, int]]] | None:
+    """(names, palette) stored with a model, or None when it has none."""
+    path = storage.join(find_model_dir(uri), CLASSES_FILE)
+    if not storage.exists(path):
+        return None
+    try:
+        body = json.loads(storage.read_bytes(path))
+        names, palette = [str(n) for n in body["names"]], [tuple(int(v) for v in c) for c in body["palette"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is not a valid classes file: {e}") from None
+    if len(names) != len(palette):
+        raise CheckpointError(f"{path}: {len(names)} class names but {len(palette)} palette colours")
+    return names, palette
 
 
 def load_config(uri: str) -> SDMConfig:

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from sdm import storage
+from sdm.cli_data import add_data_commands
 from sdm.config import get_preset, list_presets
 from sdm.errors import SDMError
 from sdm.unet import SDMUNet, count_parameters
@@ -78,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     p.set_defaults(func=cmd_sample)
+
+    add_data_commands(sub)
     return parser
 
 

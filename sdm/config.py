@@ -205,8 +205,16 @@ class SDMConfig:
                 node = node[k]
             if keys[-1] not in node:
                 raise ConfigError(f"override {item!r}: unknown key {path!r}")
-            node[keys[-1]] = yaml.safe_load(raw)
+            node[keys[-1]] = _parse_value(raw)
         return SDMConfig.from_dict(d)
+
+
+def _parse_value(raw: str) -> Any:
+    """JSON first (it reads 2e-3 as a number, YAML 1.1 as a string), then YAML for bare words."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return yaml.safe_load(raw)
 
 
 def _build(cls: type, d: dict[str, Any]) -> Any:

@@ -1,4 +1,5 @@
-"""Label maps to network input: class-id remapping, validation, one-hot, instance edges, the null label.
+"""Label maps to network input: palette colours, class-id remapping, validation, one-hot, instance edges,
+the null label.
 
 Written once; training, generation, serving and evaluation all call these.
 """
@@ -23,6 +24,46 @@ def remap_raw_labels(raw: np.ndarray, data: DataConfig, num_classes: int) -> np.
     if mask is not None:
         out[mask] = data.unlabeled_class
     return out
+
+
+def raw_to_classes(raw: np.ndarray, data: DataConfig, num_classes: int) -> np.ndarray:
+    """Remap raw label ids to model classes; raise InvalidInputError listing the raw ids the model does not know."""
+    classes = remap_raw_labels(raw, data, num_classes)
+    bad = np.unique(raw[(classes < 0) | (classes >= num_classes)])
+    if bad.size:
+        shown = ", ".join(str(int(b)) for b in bad[:20]) + (" ..." if bad.size > 20 else "")
+        raise InvalidInputError(f"label map has class ids this model does not know ({num_classes} classes): {shown}")
+    return classes
+
+
+def default_palette(n: int) -> list[tuple[int, int, int]]:
+    """n distinct colours (the PASCAL VOC bit-interleaved colour map; id 0 is black)."""
+    out = []
+    for i in range(n):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        out.append((r, g, b))
+    return out
+
+
+def colors_to_ids(rgb: np.ndarray, palette: list[tuple[int, int, int]]) -> np.ndarray:
+    """[H, W, 3] uint8 colours -> [H, W] label ids by exact palette match; InvalidInputError lists unknown colours."""
+    keys = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2].astype(np.int64)
+    lookup: dict[int, int] = {}
+    for i, (r, g, b) in enumerate(palette):
+        lookup.setdefault((r << 16) | (g << 8) | b, i)
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    ids = np.array([lookup.get(int(k), -1) for k in uniq], dtype=np.int64)
+    if (ids < 0).any():
+        bad = [f"#{int(k):06x}" for k in uniq[ids < 0]]
+        shown = ", ".join(bad[:10]) + (f" ... ({len(bad)} in all)" if len(bad) > 10 else "")
+        raise InvalidInputError(f"label map has colours that are not in the model's palette: {shown}")
+    return ids[inverse].reshape(keys.shape)
 
 
 def check_class_ids(label: np.ndarray | torch.Tensor, num_classes: int, what: str = "label map") -> None:
@@ -84,6 +125,6 @@ def null_label(like: torch.Tensor) -> torch.Tensor:
 
 def encode_raw_labels(raw: torch.Tensor, instance: torch.Tensor | None, config: SDMConfig) -> torch.Tensor:
     """Raw dataset label ids [B, H, W] (+ instance ids) -> the network's label input, for a whole batch."""
-    classes = remap_raw_labels(raw.cpu().numpy(), config.data, config.model.num_classes)
+    classes = raw_to_classes(raw.cpu().numpy(), config.data, config.model.num_classes)
     label = torch.from_numpy(classes).to(raw.device)
     return label_input(label, config.model, instance, config.data.edges_from_labels)

@@ -16,7 +16,7 @@ from sdm.config import SDMConfig
 from sdm.device import autocast_dtype, default_device
 from sdm.diffusion import GaussianDiffusion
 from sdm.errors import InvalidInputError
-from sdm.labels import label_input, remap_raw_labels
+from sdm.labels import label_input, raw_to_classes
 from sdm.samplers import SAMPLERS, Known, NoiseSource, make_denoiser, sample
 from sdm.unet import SDMUNet
 
@@ -86,11 +86,7 @@ class SDMPipeline:
         """Raw label (and instance) maps -> validated [B, label_channels, H, W] network input."""
         m, data = self.config.model, self.config.data
         raw = _stack(labels, "label map")
-        classes = remap_raw_labels(raw, data, m.num_classes)
-        bad = np.unique(raw[(classes < 0) | (classes >= m.num_classes)])
-        if bad.size:
-            shown = ", ".join(str(int(b)) for b in bad[:20]) + (" ..." if bad.size > 20 else "")
-            raise InvalidInputError(f"label map has class ids this model does not know ({m.num_classes} classes): {shown}")
+        classes = raw_to_classes(raw, data, m.num_classes)
         h, w = raw.shape[-2:]
         f = m.downsample_factor
         if h % f or w % f:
@@ -115,23 +111,42 @@ class SDMPipeline:
         if math.isnan(eta) or eta < 0:
             raise InvalidInputError(f"eta must be >= 0, got {eta!r}")
 
+    def _defaults(
+        self, guidance_scale: float | None, num_steps: int | None, sampler: str | None, eta: float | None, num_samples: int
+    ) -> tuple[float, int, str, float]:
+        """Fill unset sampling settings from the config's defaults and validate them all."""
+        s = self.config.sampling
+        guidance_scale = s.guidance_scale if guidance_scale is None else guidance_scale
+        num_steps = s.steps if num_steps is None else num_steps
+        sampler = s.sampler if sampler is None else sampler
+        eta = s.eta if eta is None else eta
+        self._check_params(guidance_scale, num_steps, sampler, num_samples, eta)
+        return guidance_scale, num_steps, sampler, eta
+
     @torch.no_grad()
     def sample_tensor(
         self,
         label: torch.Tensor,
         seeds: Sequence[int],
-        guidance_scale: float,
+        guidance_scale: float | Sequence[float],
         num_steps: int,
         sampler: str,
         eta: float = 0.0,
         known: Known | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> torch.Tensor:
-        """One batched sampling run over prepared label inputs; returns [B, 3, H, W] in [-1, 1]."""
+        """One batched sampling run over prepared label inputs; returns [B, 3, H, W] in [-1, 1].
+
+        `guidance_scale` is one scale for all rows or one per row.
+        """
         label = label.to(self.device)
         noise = NoiseSource(list(seeds), (3, *label.shape[-2:]), self.device)
+        scales = [float(guidance_scale)] if isinstance(guidance_scale, (int, float)) else [float(g) for g in guidance_scale]
+        scale = scales[0] if len(set(scales)) == 1 else torch.tensor(scales, device=self.device)
+        if known is not None:
+            known = Known(known.x0.to(self.device), known.mask.to(self.device))
         return sample(
-            lambda d: make_denoiser(self.net, d, label, float(guidance_scale), self.dtype),
+            lambda d: make_denoiser(self.net, d, label, scale, self.dtype),
             self.diffusion,
             sampler,
             num_steps,
@@ -159,20 +174,10 @@ class SDMPipeline:
         Output row b * num_samples + k is sample k of label map b, seeded by derive_seed(seed, row)
         (or by seed[row] when a list of seeds is given), so it does not depend on the batch it ran in.
         """
-        s = self.config.sampling
-        guidance_scale = s.guidance_scale if guidance_scale is None else guidance_scale
-        num_steps = s.steps if num_steps is None else num_steps
-        sampler = s.sampler if sampler is None else sampler
-        eta = s.eta if eta is None else eta
-        self._check_params(guidance_scale, num_steps, sampler, num_samples, eta)
+        guidance_scale, num_steps, sampler, eta = self._defaults(guidance_scale, num_steps, sampler, eta, num_samples)
         label = self.prepare_labels(labels, instances).repeat_interleave(num_samples, dim=0)
+        seeds = _row_seeds(seed, label.shape[0])
         n = label.shape[0]
-        if isinstance(seed, (list, tuple)):
-            if len(seed) != n:
-                raise InvalidInputError(f"got {len(seed)} seeds for {n} output images")
-            seeds = [int(x) for x in seed]
-        else:
-            seeds = [derive_seed(seed, i) for i in range(n)]
         chunks = []
         for start in range(0, n, batch_size):
             x = self.sample_tensor(
@@ -181,6 +186,57 @@ class SDMPipeline:
             )
             chunks.append(to_uint8(x))
         return np.concatenate(chunks)
+
+    def edit(
+        self,
+        image: np.ndarray,
+        mask: np.ndarray,
+        labels: LabelLike,
+        instances: LabelLike | None = None,
+        guidance_scale: float | None = None,
+        num_steps: int | None = None,
+        sampler: str | None = None,
+        seed: int | Sequence[int] = 0,
+        num_samples: int = 1,
+        eta: float | None = None,
+    ) -> np.ndarray:
+        """Semantic image editing (the paper's section 4.4); returns uint8 [num_samples, H, W, 3].
+
+        The region where `mask` is nonzero is generated from the (edited) label map; everywhere else the
+        image is kept at every denoising step by replacing it with the forward-noised image (Known).
+        Rows are seeded as in __call__.
+        """
+        guidance_scale, num_steps, sampler, eta = self._defaults(guidance_scale, num_steps, sampler, eta, num_samples)
+        label = self.prepare_labels(labels, instances)
+        known = known_from_image(image, mask, tuple(label.shape[-2:]))
+        seeds = _row_seeds(seed, num_samples)
+        known = Known(known.x0.expand(num_samples, -1, -1, -1), known.mask.expand(num_samples, -1, -1, -1))
+        x = self.sample_tensor(
+            label.expand(num_samples, -1, -1, -1), seeds, guidance_scale, num_steps, sampler, eta, known=known
+        )
+        return to_uint8(x)
+
+
+def known_from_image(image: np.ndarray, mask: np.ndarray, size: tuple[int, int]) -> Known:
+    """uint8 [H, W, 3] image and [H, W] mask (nonzero = regenerate) -> Known with x0 in [-1, 1], mask 1 = keep."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise InvalidInputError(f"image must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
+    if image.shape[:2] != tuple(size) or mask.shape != tuple(size):
+        raise InvalidInputError(
+            f"image {image.shape[:2]} and mask {mask.shape} must both match the label map size {tuple(size)}"
+        )
+    x0 = torch.from_numpy(image).permute(2, 0, 1).float().div(127.5).sub(1)[None]
+    keep = torch.from_numpy(np.asarray(mask) == 0).float()[None, None]
+    return Known(x0, keep)
+
+
+def _row_seeds(seed: int | Sequence[int], n: int) -> list[int]:
+    """Per-row seeds: derive_seed(seed, row), or the given list of n seeds."""
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != n:
+            raise InvalidInputError(f"got {len(seed)} seeds for {n} output images")
+        return [int(x) for x in seed]
+    return [derive_seed(seed, i) for i in range(n)]
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

@@ -26,15 +26,16 @@ def guided_output(
     x: torch.Tensor,
     t: torch.Tensor,
     label: torch.Tensor,
-    scale: float,
+    scale: float | torch.Tensor,
     batched: bool = True,
 ) -> torch.Tensor:
     """Network output with guidance eps = eps(null) + s * (eps(label) - eps(null)) on the eps channels.
 
-    The variance channels come from the conditional branch. s = 1 runs the conditional model alone;
-    otherwise both branches go through the network in one batched forward pass (or two, for comparison).
+    `scale` is one number, or a [B] tensor with one per row. The variance channels come from the
+    conditional branch. A scalar s = 1 runs the conditional model alone; otherwise both branches go
+    through the network in one batched forward pass (or two, for comparison).
     """
-    if scale == 1.0:
+    if not isinstance(scale, torch.Tensor) and scale == 1.0:
         return net(x, t, label)
     null = torch.zeros_like(label)
     if batched:
@@ -42,6 +43,8 @@ def guided_output(
         cond, uncond = out.chunk(2)
     else:
         cond, uncond = net(x, t, label), net(x, t, null)
+    if isinstance(scale, torch.Tensor):
+        scale = scale.to(cond.device, cond.dtype).view(-1, 1, 1, 1)
     eps = uncond[:, :3] + scale * (cond[:, :3] - uncond[:, :3])
     return torch.cat([eps, cond[:, 3:]], dim=1)
 
@@ -84,7 +87,7 @@ def make_denoiser(
     net: nn.Module,
     d: GaussianDiffusion,
     label: torch.Tensor,
-    scale: float,
+    scale: float | torch.Tensor,
     autocast_dtype: torch.dtype | None = None,
     batched: bool = True,
 ) -> Denoiser:

@@ -141,6 +141,7 @@ def test_configs_round_trip_and_overrides():
     cfg = SDMConfig.from_yaml("preset: tiny\nmodel: {model_channels: 64}\n")
     assert cfg.model.model_channels == 64 and cfg.model.num_classes == 6
     assert json.loads(get_preset("ade20k").to_json())["model"]["channel_mult"] == [1, 1, 2, 2, 4, 4]
+    assert get_preset("tiny").with_overrides(["train.lr=2e-3"]).train.lr == 0.002
     with pytest.raises(ConfigError, match="unknown preset 'nope'"):
         get_preset("nope")
     with pytest.raises(ConfigError, match="unknown key 'model.width'"):
@@ -154,3 +155,27 @@ def test_raw_label_remapping_of_ade20k_and_coco():
     assert remap_raw_labels(np.array([0, 1, 150]), ade.data, 151).tolist() == [150, 0, 149]
     coco = get_preset("coco_stuff")
     assert remap_raw_labels(np.array([0, 181, 255]), coco.data, 183).tolist() == [0, 181, 182]
+
+
+def test_per_row_guidance_matches_separate_calls(pipe):
+    label = pipe.prepare_labels(_label(b=2))
+    seeds = [derive_seed(3, 0), derive_seed(3, 1)]
+    mixed = pipe.sample_tensor(label, seeds, [1.5, 3.0], 3, "ddim")
+    first = pipe.sample_tensor(label[:1], seeds[:1], 1.5, 3, "ddim")
+    second = pipe.sample_tensor(label[1:], seeds[1:], 3.0, 3, "ddim")
+    assert torch.allclose(mixed, torch.cat([first, second]), atol=2e-3)  # batch-size rounding only
+    assert not torch.allclose(mixed[1:], pipe.sample_tensor(label[1:], seeds[1:], 1.5, 3, "ddim"), atol=2e-3)
+
+
+def test_edit_keeps_unmasked_pixels_and_regenerates_the_mask(pipe):
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 1
+    out = pipe.edit(image, mask, _label(), num_steps=4, seed=5, num_samples=2)
+    assert out.shape == (2, 32, 32, 3)
+    assert np.array_equal(out[:, mask == 0], np.broadcast_to(image[mask == 0], out[:, mask == 0].shape))
+    assert not np.array_equal(out[0][mask == 1], image[mask == 1])
+    assert not np.array_equal(out[0], out[1])
+    assert np.array_equal(out, pipe.edit(image, mask, _label(), num_steps=4, seed=5, num_samples=2))
+    with pytest.raises(InvalidInputError, match="must both match the label map size"):
+        pipe.edit(image[:16], mask, _label(), num_steps=1)

@@ -1,0 +1,56 @@
+"""`sdm data ...`: make, pack and inspect datasets in the shard format."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from sdm import storage
+from sdm.data.inspect import inspect_dataset
+from sdm.data.packers import LAYOUTS, pack, report
+from sdm.data.toy import write_toy_dataset
+
+
+def cmd_toy(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    card = write_toy_dataset(args.dst, n=args.n, size=args.size, seed=args.seed, val_fraction=args.val_fraction)
+    splits = ", ".join(f"{v} {k}" for k, v in card.split_sizes.items())
+    print(f"wrote the toy dataset ({splits}; {len(card.shards)} shards) to {args.dst} in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    card, rejects = pack(args.layout, args.src, args.dst, shard_bytes=int(args.shard_mb * 2**20))
+    return report(card, rejects, args.dst, args.skip_bad)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    sheet = args.sheet or storage.join(args.uri, "contact_sheet.png")
+    print(inspect_dataset(args.uri, sheet, n=args.n))
+    return 0
+
+
+def add_data_commands(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="make, pack and inspect datasets").add_subparsers(dest="data_command", required=True)
+
+    p = data.add_parser("toy", help="write the procedural toy dataset")
+    p.add_argument("dst", help="output URI (local path, file:// or s3://)")
+    p.add_argument("--n", type=int, default=512, help="number of samples")
+    p.add_argument("--size", type=int, default=32, help="image side in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.125)
+    p.set_defaults(func=cmd_toy)
+
+    p = data.add_parser("pack", help="pack a labelled dataset in its published layout into shards")
+    p.add_argument("--layout", required=True, choices=sorted(LAYOUTS))
+    p.add_argument("src", help="the dataset's root folder")
+    p.add_argument("dst", help="output URI (local path, file:// or s3://)")
+    p.add_argument("--shard-mb", type=float, default=256, help="target shard size in MiB")
+    p.add_argument("--skip-bad", action="store_true", help="exit 0 even when samples were rejected")
+    p.set_defaults(func=cmd_pack)
+
+    p = data.add_parser("inspect", help="print a dataset's card and class histogram, write a contact sheet")
+    p.add_argument("uri")
+    p.add_argument("--n", type=int, default=8, help="samples on the contact sheet")
+    p.add_argument("--sheet", help="contact sheet PNG URI (default: URI/contact_sheet.png)")
+    p.set_defaults(func=cmd_inspect)

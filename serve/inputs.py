@@ -1,0 +1,306 @@
+"""The HTTP boundary: request bodies to validated jobs. Every refusal is an ApiError naming the bad field."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+from sdm import checkpoint
+from sdm.config import DataConfig, SamplingConfig
+from sdm.errors import InvalidInputError
+from sdm.labels import colors_to_ids, default_palette, raw_to_classes
+from sdm.samplers import SAMPLERS
+from serve.errors import ApiError
+
+ID_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L")
+PARAMS = ("guidance_scale", "steps", "sampler", "seed", "num_samples")
+FILES = {"generate": ("label", "instance"), "edit": ("image", "mask", "label", "instance")}
+REQUIRED = {"generate": ("label",), "edit": ("image", "mask", "label")}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for."""
+
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_image_side: int = 4096
+    max_steps: int = 1000
+    max_samples: int = 4
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the API needs to know of the served model to validate requests, read from its directory."""
+
+    preset: str
+    size: tuple[int, int]  # (height, width)
+    num_classes: int
+    class_names: list[str]
+    palette: list[tuple[int, int, int]]  # colour of each label id
+    instance_edges: bool
+    data: DataConfig
+    defaults: SamplingConfig
+    max_steps: int
+
+    @classmethod
+    def from_uri(cls, uri: str, limits: Limits) -> "ModelInfo":
+        config = checkpoint.load_config(uri)
+        m = config.model
+        classes = checkpoint.load_classes(uri)
+        names, palette = classes or ([f"class {i}" for i in range(m.num_classes)], default_palette(m.num_classes))
+        return cls(
+            preset=config.name,
+            size=tuple(m.image_size),
+            num_classes=m.num_classes,
+            class_names=names,
+            palette=palette,
+            instance_edges=m.instance_edges,
+            data=config.data,
+            defaults=config.sampling,
+            max_steps=min(limits.max_steps, config.diffusion.steps),
+        )
+
+    def to_json(self, limits: Limits) -> dict[str, Any]:
+        return {
+            "preset": self.preset,
+            "resolution": {"height": self.size[0], "width": self.size[1]},
+            "num_classes": self.num_classes,
+            "class_names": self.class_names,
+            "palette": [list(c) for c in self.palette],
+            "instance_map": self.instance_edges,
+            "defaults": {
+                "guidance_scale": self.defaults.guidance_scale,
+                "steps": self.defaults.steps,
+                "sampler": self.defaults.sampler,
+            },
+            "samplers": list(SAMPLERS),
+            "limits": {
+                "max_steps": self.max_steps,
+                "max_samples": limits.max_samples,
+                "max_body_bytes": limits.max_body_bytes,
+                "max_image_side": limits.max_image_side,
+            },
+        }
+
+
+@dataclass
+class Job:
+    """One validated request, at the model's resolution; what crosses from the API to the model deployment."""
+
+    kind: str  # "generate" or "edit"
+    label: np.ndarray  # [H, W] raw label ids
+    instance: np.ndarray | None
+    guidance_scale: float
+    steps: int
+    sampler: str
+    seed: int
+    num_samples: int
+    image: np.ndarray | None = None  # edit: uint8 [H, W, 3]
+    mask: np.ndarray | None = None  # edit: [H, W], nonzero where the image is regenerated
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refusing (413) as soon as it is known to exceed `limit` bytes."""
+    too_big = ApiError(413, "body_too_large", f"request body exceeds the limit of {limit} bytes")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def parse_job(kind: str, request: Request, body: bytes, info: ModelInfo, limits: Limits) -> Job:
+    """A multipart upload or a JSON body (images as base64) -> a validated Job."""
+    fields = await _fields(kind, request, body)
+    allowed = set(FILES[kind]) | set(PARAMS)
+    unknown = sorted(set(fields) - allowed)
+    if unknown:
+        raise ApiError(400, "unknown_field", f"unknown fields {unknown}; this route takes {sorted(allowed)}")
+    missing = [f for f in REQUIRED[kind] if f not in fields]
+    if missing:
+        raise ApiError(400, "missing_field", f"missing required field(s): {', '.join(missing)}")
+    files = {f: _file_bytes(f, fields[f]) for f in FILES[kind] if f in fields}
+
+    label = _label_ids(_open(files["label"], "label", limits), info)
+    instance = None
+    if "instance" in files:
+        if not info.instance_edges:
+            raise ApiError(400, "unexpected_field", "instance: this model takes no instance map")
+        instance = _fit(_ids(_open(files["instance"], "instance", limits), "instance"), "instance", info.size)
+    job = Job(
+        kind=kind,
+        label=label,
+        instance=instance,
+        guidance_scale=_guidance(fields.get("guidance_scale", info.defaults.guidance_scale)),
+        steps=_integer("steps", fields.get("steps", info.defaults.steps), 1, info.max_steps),
+        sampler=_sampler(fields.get("sampler", info.defaults.sampler)),
+        seed=_integer("seed", fields["seed"], 0, 2**63 - 1) if "seed" in fields else secrets.randbits(63),
+        num_samples=_integer("num_samples", fields.get("num_samples", 1), 1, limits.max_samples),
+    )
+    if kind == "edit":
+        image = _open(files["image"], "image", limits, formats=("PNG", "JPEG"))
+        job.image = _fit(np.array(image.convert("RGB")), "image", info.size, Image.Resampling.BICUBIC)
+        mask = _fit(np.array(_open(files["mask"], "mask", limits).convert("L")), "mask", info.size)
+        if not mask.any():
+            raise ApiError(400, "empty_mask", "mask: selects no pixels to regenerate (nonzero = regenerate)")
+        job.mask = mask
+    return job
+
+
+async def _fields(kind: str, request: Request, body: bytes) -> dict[str, Any]:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "application/json":
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, "invalid_json", f"body is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "invalid_json", "JSON body must be an object")
+        return data
+    if ctype == "multipart/form-data":
+
+        async def replay() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request(request.scope, replay).form(max_files=len(FILES[kind]), max_fields=len(PARAMS))
+        except Exception as e:  # starlette/python-multipart raise several types for malformed bodies
+            raise ApiError(400, "invalid_form", f"cannot parse the multipart body: {e}") from None
+        return {k: v for k, v in form.multi_items()}
+    raise ApiError(
+        415, "unsupported_media_type", f"content type {ctype or '(none)'!r}: send multipart/form-data or application/json"
+    )
+
+
+def _file_bytes(field: str, value: Any) -> bytes:
+    """An uploaded file's bytes, or a JSON base64 string (a data: URL prefix is allowed)."""
+    if isinstance(value, UploadFile):
+        return value.file.read()
+    if not isinstance(value, str):
+        raise ApiError(400, "invalid_field", f"{field}: expected a file upload or a base64 string")
+    if value.startswith("data:"):
+        value = value.split(",", 1)[-1]
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "invalid_base64", f"{field}: not valid base64") from None
+
+
+def _open(data: bytes, field: str, limits: Limits, formats: tuple[str, ...] = ("PNG",)) -> Image.Image:
+    """Decode an image, checking its declared size before decoding pixels (image bombs never decode)."""
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise ApiError(400, "image_too_large", f"{field}: {e}") from None
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise ApiError(400, "invalid_image", f"{field}: not a {' or '.join(formats)} image") from None
+    if image.format not in formats:
+        raise ApiError(400, "invalid_image", f"{field}: expected {' or '.join(formats)}, got {image.format}")
+    w, h = image.size
+    if max(w, h) > limits.max_image_side:
+        raise ApiError(
+            400, "image_too_large", f"{field}: {w}x{h} pixels; the largest side accepted is {limits.max_image_side}"
+        )
+    try:
+        image.load()
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, EOFError... for corrupt data
+        raise ApiError(400, "invalid_image", f"{field}: truncated or corrupt image ({e})") from None
+    return image
+
+
+def _ids(image: Image.Image, field: str) -> np.ndarray:
+    if image.mode not in ID_MODES:
+        raise ApiError(400, "invalid_image", f"{field}: must be a single-channel PNG of ids, got mode {image.mode}")
+    return np.array(image).astype(np.int64)
+
+
+def _label_ids(image: Image.Image, info: ModelInfo) -> np.ndarray:
+    """A PNG of class ids, or a colour PNG in the model's palette -> validated raw ids at the model's size."""
+    if image.mode in ("RGB", "RGBA"):
+        try:
+            ids = colors_to_ids(np.array(image.convert("RGB")), info.palette)
+        except InvalidInputError as e:
+            raise ApiError(400, "color_not_in_palette", f"label: {e}") from None
+    else:
+        ids = _ids(image, "label")
+    ids = _fit(ids, "label", info.size)
+    try:
+        raw_to_classes(ids, info.data, info.num_classes)
+    except InvalidInputError as e:
+        raise ApiError(400, "class_out_of_range", f"label: {e}") from None
+    return ids
+
+
+def _fit(
+    arr: np.ndarray, field: str, size: tuple[int, int], resample: Image.Resampling = Image.Resampling.NEAREST
+) -> np.ndarray:
+    """Resize to the model's (height, width) when the aspect ratio matches; ids keep nearest-neighbour values."""
+    h, w = arr.shape[:2]
+    H, W = size
+    if (h, w) == (H, W):
+        return arr
+    if h * W != w * H:
+        raise ApiError(
+            400,
+            "size_mismatch",
+            f"{field}: {w}x{h} pixels cannot be resized to the model's {W}x{H} (different aspect ratio)",
+        )
+    if arr.ndim == 3:
+        return np.array(Image.fromarray(arr).resize((W, H), resample))
+    resized = Image.fromarray(arr.astype(np.int32)).resize((W, H), Image.Resampling.NEAREST)  # mode I
+    return np.array(resized).astype(arr.dtype)
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ApiError(400, "invalid_parameter", f"{name} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ApiError(400, "invalid_parameter", f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _guidance(value: Any) -> float:
+    g = _number("guidance_scale", value)
+    if not math.isfinite(g) or g < 0:
+        raise ApiError(400, "invalid_parameter", f"guidance_scale must be a finite number >= 0, got {value!r}")
+    return g
+
+
+def _integer(name: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, str):
+        try:
+            n = int(value)
+        except ValueError:
+            raise ApiError(400, "invalid_parameter", f"{name} must be an integer, got {value!r}") from None
+    elif isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    else:
+        raise ApiError(400, "invalid_parameter", f"{name} must be an integer, got {value!r}")
+    if not low <= n <= high:
+        raise ApiError(400, "invalid_parameter", f"{name} must be in [{low}, {high}], got {n}")
+    return n
+
+
+def _sampler(value: Any) -> str:
+    if value not in SAMPLERS:
+        raise ApiError(400, "invalid_parameter", f"unknown sampler {value!r}; choose one of {', '.join(SAMPLERS)}")
+    return value

@@ -1,0 +1,147 @@
+"""The model deployment: one SDMPipeline per replica, dynamic batching, and a health check that runs the model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from ray import serve
+
+from sdm.errors import SDMError
+from sdm.pipeline import SDMPipeline, derive_seed, known_from_image, to_uint8
+from sdm.samplers import Known
+from serve.inputs import Job
+from serve.metrics import ModelMetrics
+
+
+class QueueTimeout(SDMError):
+    """A request waited for its batch longer than the queue bound."""
+
+
+@dataclass
+class Output:
+    images: np.ndarray  # uint8 [num_samples, H, W, 3]
+    seeds: list[int]  # the seed of each image
+    queue_ms: float
+    sampling_ms: float
+    batch_size: int  # requests that shared the sampling call
+
+
+@dataclass
+class _Pending:
+    job: Job
+    label: torch.Tensor  # [num_samples, C, H, W] network input
+    known: Known | None  # edit: the image to keep, per row
+    seeds: list[int]
+    enqueued: float
+
+
+def _group_key(job: Job) -> tuple[str, str, int, bool]:
+    """Requests sharing a key run in one sampling call. Edits draw extra noise, so they never mix with
+    generations; a scale of exactly 1 skips the null branch, so it runs apart too."""
+    return job.kind, job.sampler, job.steps, job.guidance_scale == 1.0
+
+
+class SDMModel:
+    def __init__(
+        self,
+        model_uri: str,
+        device: str | None,
+        precision: str,
+        max_batch_size: int,
+        batch_wait_timeout_s: float,
+        batch_wait_under_load_s: float,
+        max_queue_wait_s: float,
+    ):
+        start = time.perf_counter()
+        self.pipe = SDMPipeline.from_pretrained(model_uri, device=device, precision=precision)
+        self._probe()
+        self.metrics = ModelMetrics.create()
+        self.metrics.load_time.set(time.perf_counter() - start)
+        self.max_queue_wait_s = max_queue_wait_s
+        self.batch_wait_s = (batch_wait_timeout_s, batch_wait_under_load_s)
+        self._batched.set_max_batch_size(max_batch_size)
+        self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    def _probe(self) -> None:
+        """One denoising step on the null label; raises when the model cannot run."""
+        m = self.pipe.config.model
+        x = self.pipe.sample_tensor(torch.zeros(1, m.label_channels, *m.image_size), [0], 1.0, 1, "ddim")
+        if not torch.isfinite(x).all():
+            raise RuntimeError("the model's output is not finite")
+
+    async def check_health(self) -> None:
+        await asyncio.to_thread(self._probe)
+
+    def ping(self) -> str:
+        return self.pipe.config.name
+
+    async def run(self, job: Job) -> Output:
+        """Sample one request's images in whatever batch it joins; same job and seed, same images."""
+        out = await self._batched(self._prepare(job))
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def _prepare(self, job: Job) -> _Pending:
+        n = job.num_samples
+        label = self.pipe.prepare_labels(job.label, job.instance)
+        known = None
+        if job.kind == "edit":
+            k = known_from_image(job.image, job.mask, tuple(label.shape[-2:]))
+            known = Known(k.x0.expand(n, -1, -1, -1), k.mask.expand(n, -1, -1, -1))
+        seeds = [derive_seed(job.seed, i) for i in range(n)]
+        return _Pending(job, label.expand(n, -1, -1, -1), known, seeds, time.monotonic())
+
+    @serve.batch
+    async def _batched(self, items: list[_Pending]) -> list[Output | Exception]:
+        start = time.monotonic()
+        results: list[Output | Exception | None] = [None] * len(items)
+        groups: dict[tuple[str, str, int, bool], list[int]] = {}
+        for i, p in enumerate(items):
+            wait = start - p.enqueued
+            self.metrics.queue_wait.observe(wait)
+            if wait > self.max_queue_wait_s:
+                results[i] = QueueTimeout(
+                    f"request waited {wait:.2f}s for the model, over the bound of {self.max_queue_wait_s}s"
+                )
+            else:
+                groups.setdefault(_group_key(p.job), []).append(i)
+        for idxs in groups.values():
+            group = [items[i] for i in idxs]
+            t0 = time.perf_counter()
+            images = await asyncio.to_thread(self._sample, group)
+            elapsed = time.perf_counter() - t0
+            job = group[0].job
+            self.metrics.batch_size.observe(len(group))
+            self.metrics.images.inc(len(images), tags={"kind": job.kind})
+            self.metrics.steps_per_second.set(len(images) * job.steps / elapsed)
+            row = 0
+            for i, p in zip(idxs, group):
+                n = len(p.seeds)
+                queue_ms = (start - p.enqueued) * 1000
+                results[i] = Output(images[row : row + n], p.seeds, queue_ms, elapsed * 1000, len(group))
+                row += n
+        # A lone request waits briefly for company; once requests come concurrently (clients resend as their
+        # results return, spread by the HTTP path) wait longer, so the next batch fills instead of splitting.
+        self._batched.set_batch_wait_timeout_s(self.batch_wait_s[len(items) > 1])
+        return results
+
+    def _sample(self, group: list[_Pending]) -> np.ndarray:
+        job = group[0].job
+        known = None
+        if group[0].known is not None:
+            known = Known(torch.cat([p.known.x0 for p in group]), torch.cat([p.known.mask for p in group]))
+        x = self.pipe.sample_tensor(
+            torch.cat([p.label for p in group]),
+            [s for p in group for s in p.seeds],
+            [p.job.guidance_scale for p in group for _ in p.seeds],
+            job.steps,
+            job.sampler,
+            eta=self.pipe.config.sampling.eta,
+            known=known,
+        )
+        return to_uint8(x)

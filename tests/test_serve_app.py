@@ -1,0 +1,280 @@
+"""The real Serve app on a local Ray cluster (HTTP on 127.0.0.1), serving a randomly initialised tiny model."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+import struct
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+import torch
+
+from sdm.pipeline import SDMPipeline, derive_seed
+from serve_helpers import PALETTE, deploy, label_map, png, random_tiny_model, read_png, serve_cluster
+
+pytestmark = pytest.mark.ray
+
+STEPS = 4
+LIMIT = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return random_tiny_model(str(tmp_path_factory.mktemp("random_tiny_model")))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with serve_cluster() as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def url(cluster, model_dir):
+    args = {"model_uri": model_dir, "num_cpus": 0.5, "max_batch_size": 8, "batch_wait_timeout_s": 0.05}
+    return deploy(args | {"max_body_bytes": LIMIT}, "sdm", "/", cluster.http)
+
+
+def generate(url, label=None, files=None, json=None, **params):
+    if json is not None:
+        return requests.post(f"{url}/v1/generate", json=json, timeout=120)
+    files = files or {"label": ("label.png", png(label_map() if label is None else label), "image/png")}
+    data = {"steps": STEPS, "seed": 1} | params
+    return requests.post(f"{url}/v1/generate", files=files, data={k: str(v) for k, v in data.items()}, timeout=120)
+
+
+def test_model_route_reports_classes_palette_and_defaults(url):
+    info = requests.get(f"{url}/v1/model", timeout=30).json()
+    assert info["preset"] == "tiny" and info["resolution"] == {"height": 32, "width": 32}
+    assert info["num_classes"] == 6 and info["class_names"][:2] == ["sky", "tree"]
+    assert info["palette"][0] == list(PALETTE[0])
+    assert info["defaults"] == {"guidance_scale": 1.5, "steps": 25, "sampler": "ddim"}
+    assert set(info["samplers"]) == {"ddpm", "ddim", "dpm++"}
+
+
+def test_healthz_and_painting_page(url):
+    assert requests.get(f"{url}/healthz", timeout=30).json() == {"status": "ok", "model": "tiny"}
+    page = requests.get(f"{url}/", timeout=30)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "<canvas" in page.text and "v1/generate" in page.text and "v1/edit" in page.text
+
+
+def test_generate_returns_a_png_and_the_same_seed_gives_the_same_image(url):
+    first = generate(url, seed=11)
+    assert first.status_code == 200 and first.headers["content-type"] == "image/png"
+    assert first.headers["x-sdm-seed"] == "11"
+    image = read_png(first.content)
+    assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+    assert generate(url, seed=11).content == first.content
+    assert generate(url, seed=12).content != first.content
+    assert generate(url, label=label_map(seed=5), seed=11).content != first.content
+
+
+def test_served_images_match_the_library_pipeline(url, model_dir):
+    body = {"label": base64.b64encode(png(label_map())).decode(), "steps": STEPS, "seed": 3, "num_samples": 2}
+    out = requests.post(f"{url}/v1/generate", json=body, timeout=120).json()
+    assert out["seed"] == 3 and out["seeds"] == [derive_seed(3, 0), derive_seed(3, 1)]
+    assert set(out["timings"]) == {"queue_ms", "sampling_ms", "total_ms"}
+    served = np.stack([read_png(base64.b64decode(b)) for b in out["images"]])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the replica
+    try:
+        pipe = SDMPipeline.from_pretrained(model_dir, device="cpu")
+        direct = pipe(label_map(), num_steps=STEPS, seed=3, num_samples=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert np.abs(served.astype(int) - direct.astype(int)).max() <= 2  # equal up to kernel rounding
+    assert not np.array_equal(served[0], served[1])
+
+
+def test_colour_label_maps_in_the_palette_and_larger_maps_are_accepted(url):
+    ids = label_map()
+    by_ids = generate(url, label=ids).content
+    by_colour = generate(url, label=np.array(PALETTE, dtype=np.uint8)[ids]).content
+    assert by_colour == by_ids
+    larger = generate(url, label=np.kron(ids, np.ones((2, 2), np.uint8)))  # 64x64: resized to 32x32
+    assert larger.status_code == 200 and larger.content == by_ids
+
+
+def test_edit_keeps_the_unmasked_image_and_regenerates_the_mask(url):
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 255
+    edited_label = label_map()
+    edited_label[8:24, 8:24] = 2
+    files = {name: (f"{name}.png", png(a), "image/png") for name, a in [("image", image), ("mask", mask), ("label", edited_label)]}
+    r = requests.post(f"{url}/v1/edit", files=files, data={"steps": str(STEPS), "seed": "4"}, timeout=120)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
+    out = read_png(r.content)
+    keep = mask == 0
+    assert np.array_equal(out[keep], image[keep])
+    assert np.abs(out[~keep].astype(int) - image[~keep].astype(int)).mean() > 10
+    again = requests.post(f"{url}/v1/edit", files=files, data={"steps": str(STEPS), "seed": "4"}, timeout=120)
+    assert again.content == r.content
+
+
+def test_concurrent_requests_share_batches_and_keep_their_own_settings(url):
+    requests_ = [{"seed": i, "guidance_scale": 1.5 + (i % 3)} for i in range(8)]
+    alone = [read_png(generate(url, **p).content) for p in requests_[:3]]
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda p: generate(url, **p), requests_))
+    assert all(r.status_code == 200 for r in responses)
+    assert max(int(r.headers["x-sdm-batch-size"]) for r in responses) > 1
+    for got, want in zip(responses[:3], alone):
+        assert np.abs(read_png(got.content).astype(int) - want.astype(int)).max() <= 2
+
+
+def _png_with_size(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (an image bomb), with a valid header CRC."""
+    data = bytearray(png(np.zeros((8, 8), np.uint8)))
+    ihdr = bytearray(data[12:29])
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    return bytes(data)
+
+
+def _label_file(data: bytes) -> dict:
+    return {"label": ("label.png", data, "image/png")}
+
+
+BAD_GENERATE = [
+    ("not an image", {"files": _label_file(b"this is not a png")}, 400, "invalid_image", "label: not a PNG"),
+    ("truncated png", {"files": _label_file(png(label_map())[:60])}, 400, "invalid_image", "label"),
+    ("image bomb", {"files": _label_file(_png_with_size(100_000, 100_000))}, 400, "image_too_large", "label"),
+    ("huge side", {"files": _label_file(_png_with_size(5000, 8))}, 400, "image_too_large", "5000x8"),
+    ("wrong size", {"label": np.zeros((32, 48), np.uint8)}, 400, "size_mismatch", "48x32"),
+    ("class ids", {"label": np.full((32, 32), 7, np.uint8) + np.eye(32, dtype=np.uint8) * 2}, 400, "class_out_of_range", "7, 9"),
+    ("colour", {"label": np.full((32, 32, 3), (1, 2, 3), np.uint8)}, 400, "color_not_in_palette", "#010203"),
+    ("steps zero", {"steps": 0}, 400, "invalid_parameter", "steps must be in [1, 1000]"),
+    ("steps huge", {"steps": 100000}, 400, "invalid_parameter", "steps"),
+    ("steps text", {"steps": "many"}, 400, "invalid_parameter", "steps must be an integer"),
+    ("guidance nan", {"guidance_scale": "nan"}, 400, "invalid_parameter", "guidance_scale"),
+    ("guidance negative", {"guidance_scale": -1}, 400, "invalid_parameter", "guidance_scale"),
+    ("too many samples", {"num_samples": 99}, 400, "invalid_parameter", "num_samples must be in [1, 4]"),
+    ("unknown sampler", {"sampler": "euler"}, 400, "invalid_parameter", "unknown sampler 'euler'"),
+    ("negative seed", {"seed": -1}, 400, "invalid_parameter", "seed"),
+    ("missing label", {"files": {"instance": ("i.png", png(label_map()), "image/png")}}, 400, "missing_field", "label"),
+    ("unknown field", {"strength": 1}, 400, "unknown_field", "strength"),
+]
+
+
+@pytest.mark.parametrize("case,kwargs,status,code,message", BAD_GENERATE, ids=[c[0] for c in BAD_GENERATE])
+def test_bad_generate_requests_get_a_4xx_json_error_naming_the_problem(url, case, kwargs, status, code, message):
+    r = generate(url, **kwargs)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["code"] == code and message in error["message"], error
+
+
+def _post(url, path, **kwargs):
+    return requests.post(f"{url}{path}", timeout=60, **kwargs)
+
+
+def test_more_bad_requests_get_4xx_json_errors_and_the_app_stays_healthy(url):
+    label = base64.b64encode(png(label_map())).decode()
+    empty = base64.b64encode(png(np.zeros((32, 32), np.uint8))).decode()
+    as_json = {"content-type": "application/json"}
+    cases = [
+        (_post(url, "/v1/generate", data=json.dumps({"label": label, "guidance_scale": math.nan}), headers=as_json), 400, "guidance_scale"),
+        (_post(url, "/v1/generate", data=b"{not json", headers=as_json), 400, "invalid_json"),
+        (_post(url, "/v1/generate", json={"label": "@@@"}), 400, "invalid_base64"),
+        (_post(url, "/v1/generate", json=[1, 2]), 400, "JSON body must be an object"),
+        (_post(url, "/v1/generate", data=b"x", headers={"content-type": "text/plain"}), 415, "unsupported_media_type"),
+        (_post(url, "/v1/generate", data=b"\0" * (LIMIT + 1), headers=as_json), 413, "body_too_large"),
+        (_post(url, "/v1/edit", json={"label": label, "image": label}), 400, "missing required field(s): mask"),
+        (_post(url, "/v1/edit", json={"label": label, "image": label, "mask": empty}), 400, "empty_mask"),
+        (requests.get(f"{url}/v1/generate", timeout=30), 405, "method_not_allowed"),
+        (requests.get(f"{url}/v2/nothing", timeout=30), 404, "not_found"),
+    ]
+    for r, status, text in cases:
+        assert r.status_code == status and r.headers["content-type"] == "application/json", (r.status_code, r.text)
+        assert text in r.text
+    assert requests.get(f"{url}/healthz", timeout=30).status_code == 200
+    assert generate(url).status_code == 200
+
+
+def _scrape(cluster, pattern: str, timeout: float = 45) -> list[tuple[str, float]]:
+    """(labels, value) of every sample whose metric name and labels match `pattern`, once one has moved."""
+    deadline = time.time() + timeout
+    while True:
+        text = requests.get(cluster.metrics, timeout=10).text
+        samples = [
+            (m.group(1), float(m.group(2)))
+            for m in re.finditer(r"^(" + pattern + r"[^ ]*) ([0-9.e+-]+)$", text, re.MULTILINE)
+        ]
+        if any(v > 0 for _, v in samples) or time.time() > deadline:
+            return samples
+        time.sleep(1)
+
+
+def test_custom_metrics_are_scraped_from_rays_metrics_endpoint(url, cluster):
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(lambda i: generate(url, seed=100 + i), range(6)))
+    generate(url, steps=0)
+    ok = _scrape(cluster, r'ray_sdm_requests_total\{[^}]*route="/v1/generate"[^}]*status="200"')
+    assert ok and sum(v for _, v in ok) >= 6, ok
+    assert _scrape(cluster, r'ray_sdm_requests_total\{[^}]*status="400"')
+    assert sum(v for _, v in _scrape(cluster, r"ray_sdm_request_latency_s_count")) >= 6
+    multi = _scrape(cluster, r'ray_sdm_batch_size_bucket\{[^}]*le="1\.0"')
+    total = _scrape(cluster, r"ray_sdm_batch_size_count")
+    assert sum(v for _, v in total) > sum(v for _, v in multi), "no batch held more than one request"
+    assert sum(v for _, v in _scrape(cluster, r"ray_sdm_queue_wait_s_count")) >= 6
+    assert sum(v for _, v in _scrape(cluster, r'ray_sdm_images_generated_total\{[^}]*kind="generate"')) >= 6
+    assert max(v for _, v in _scrape(cluster, r"ray_sdm_denoising_steps_per_s")) > 0
+    assert max(v for _, v in _scrape(cluster, r"ray_sdm_model_load_s")) > 0
+
+
+def test_bearer_token_auth_when_configured(cluster, model_dir):
+    secure = deploy({"model_uri": model_dir, "num_cpus": 0.5, "auth_token": "s3cret"}, "secure", "/secure", cluster.http)
+    try:
+        files = _label_file(png(label_map()))
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            r = requests.post(f"{secure}/v1/generate", files=files, data={"steps": "2"}, headers=headers, timeout=60)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+            assert r.headers["www-authenticate"] == "Bearer"
+        assert requests.get(f"{secure}/v1/model", timeout=30).status_code == 401
+        auth = {"Authorization": "Bearer s3cret"}
+        assert requests.get(f"{secure}/v1/model", headers=auth, timeout=30).status_code == 200
+        r = requests.post(f"{secure}/v1/generate", files=files, data={"steps": "2"}, headers=auth, timeout=60)
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        assert requests.get(f"{secure}/healthz", timeout=30).status_code == 200  # probes need no token
+    finally:
+        from ray import serve
+
+        serve.delete("secure")
+
+
+def test_overload_gets_503_json_not_a_crash(cluster, model_dir, url):
+    args = {
+        "model_uri": model_dir,
+        "num_cpus": 0.5,
+        "max_batch_size": 1,
+        "max_ongoing_requests": 2,
+        "max_queued_requests": 1,
+        "max_queue_wait_s": 0.3,
+    }
+    tight = deploy(args, "tight", "/tight", cluster.http)
+    try:
+        files = _label_file(png(label_map()))
+        post = lambda i: requests.post(f"{tight}/v1/generate", files=files, data={"steps": "60", "seed": str(i)}, timeout=120)
+        with ThreadPoolExecutor(6) as pool:
+            responses = list(pool.map(post, range(6)))
+        codes = sorted(r.json()["error"]["code"] for r in responses if r.status_code != 200)
+        assert {r.status_code for r in responses} <= {200, 503}, [r.text for r in responses]
+        assert any(r.status_code == 200 for r in responses)
+        assert "overloaded" in codes and "queue_timeout" in codes, codes
+        assert all(r.headers.get("retry-after") == "1" for r in responses if r.status_code == 503)
+        assert requests.get(f"{tight}/healthz", timeout=30).status_code == 200
+        assert post(99).status_code == 200
+    finally:
+        from ray import serve
+
+        serve.delete("tight")
