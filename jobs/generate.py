@@ -34,13 +34,13 @@ from sdm.generate import (
     GenerationSettings,
     Reject,
     check_source_card,
-    default_classes,
     generated_row,
     load_item,
     output_key,
     sample_images,
     sample_seed,
 )
+from sdm.labels import default_palette
 from sdm.pipeline import SDMPipeline
 from sdm.samplers import SAMPLERS
 
@@ -147,8 +147,9 @@ def _base_card(source: LabelSource, cfg: SDMConfig, args: argparse.Namespace, se
     if source.card is not None:
         c = source.card
         return DatasetCard(f"{c.name}-generated", c.num_classes, c.class_names, c.palette, c.has_instance, extra=extra)
-    names, palette = default_classes(cfg.model.num_classes)
-    return DatasetCard("generated", cfg.model.num_classes, names, palette, bool(source.instance_files), extra=extra)
+    n = cfg.model.num_classes
+    names, palette = checkpoint.load_classes(args.model) or ([f"class_{i}" for i in range(n)], default_palette(n))
+    return DatasetCard("generated", n, names, [list(c) for c in palette], bool(source.instance_files), extra=extra)
 
 
 def plan_job(args: argparse.Namespace) -> Plan:
@@ -223,7 +224,7 @@ def _write(batch: dict[str, np.ndarray], out_uri: str, settings: dict[str, Any],
     for i, reason in enumerate(batch["reject"]):
         key = str(batch["source_key"][i])
         if reason:
-            records.append(("reject", json.dumps(asdict(Reject(key, str(reason))))))
+            records.append(("reject", json.dumps(asdict(Reject(key, str(batch["split"][i]), str(reason))))))
             continue
         inst = batch["instance"][i]
         rows.append(generated_row(key, int(batch["k"][i]), str(batch["split"][i]), batch["image"][i],

@@ -32,15 +32,15 @@ import torch
 from sdm import storage
 from sdm.config import ModelConfig, SDMConfig
 from sdm.data.card import DatasetCard, ShardInfo, write_card
+from sdm.data.packers import REJECTS_FILE
 from sdm.data.preprocess import preprocess_eval
 from sdm.data.shards import BASE_SCHEMA, SHARD_DIR, ShardWriter, decode_ids, encode_png, make_row
 from sdm.errors import DatasetError, InvalidInputError
-from sdm.labels import check_class_ids, remap_raw_labels
+from sdm.labels import raw_to_classes
 from sdm.pipeline import SDMPipeline, derive_seed, to_uint8
 
 SETTINGS_FILE = "generation.json"
 PROGRESS_DIR = "progress"
-REJECTS_FILE = "rejects.jsonl"
 FOLDER_DIRS = {"image": "images", "label": "labels", "instance": "instances"}
 
 GENERATED_SCHEMA = pa.schema(
@@ -83,11 +83,6 @@ def sample_seed(seed: int, source_key: str, k: int) -> int:
     return derive_seed(seed, source_key, k)
 
 
-def default_classes(n: int) -> tuple[list[str], list[list[int]]]:
-    """Names and a fixed, well-spread palette for a label source that has no dataset card."""
-    return [f"class_{i}" for i in range(n)], [[(i * 67 + 40) % 256, (i * 149 + 90) % 256, (i * 211 + 160) % 256] for i in range(n)]
-
-
 def check_source_card(card: DatasetCard, source_uri: str, config: SDMConfig, model_uri: str) -> None:
     """Refuse a label dataset whose classes the model does not have, naming both."""
     m = config.model
@@ -118,7 +113,7 @@ def load_item(key: str, label_png: bytes, instance_png: bytes | None, config: SD
     if instance is not None and instance.shape != label.shape:
         raise InvalidInputError(f"instance map {key!r} is {instance.shape[1]}x{instance.shape[0]} but its label map is {label.shape[1]}x{label.shape[0]}")
     m = config.model
-    check_class_ids(remap_raw_labels(label, config.data, m.num_classes), m.num_classes, f"label map {key!r}")
+    raw_to_classes(label, config.data, m.num_classes)
     check_size(label.shape, m, max_aspect_change, f"label map {key!r}")
     return preprocess_eval({"key": key, "image": None, "label": label, "instance": instance}, m)
 
@@ -156,7 +151,10 @@ def generated_row(
 
 @dataclass
 class Reject:
+    """An input item that could not be used (the packers' rejects.jsonl format)."""
+
     key: str
+    split: str
     reason: str
 
 

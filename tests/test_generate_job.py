@@ -13,20 +13,17 @@ import time
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from jobs.generate import EXIT_REFUSED, main
 from sdm import storage
-from sdm.checkpoint import model_id, save_model
-from sdm.config import get_preset
+from sdm.checkpoint import model_id
 from sdm.data.card import CARD_FILE, read_card, write_card
 from sdm.data.shards import decode_row, encode_png, iter_rows
 from sdm.data.toy import render_toy_sample, write_toy_dataset
 from sdm.generate import REJECTS_FILE, GenerationOutput, GenerationSettings, sample_images, sample_seed
 from sdm.pipeline import SDMPipeline
-from sdm.unet import SDMUNet
-from tests.conftest import perturbed
+from sdm.testing import save_random_model
 
 pytestmark = pytest.mark.ray
 
@@ -53,9 +50,7 @@ def ray_cluster(s3_server):
 def random_model(tmp_path_factory) -> str:
     """A randomly initialised tiny-preset model, saved like an exported one."""
     uri = str(tmp_path_factory.mktemp("model") / "random-tiny")
-    cfg = get_preset("tiny")
-    torch.manual_seed(0)
-    save_model(uri, perturbed(SDMUNet(cfg.model)), cfg)
+    save_random_model(uri, "tiny", seed=0)
     return uri
 
 
@@ -168,7 +163,7 @@ def test_bad_items_go_to_rejects_and_the_rest_completes(ray_cluster, random_mode
     rejects = {r["key"]: r["reason"] for r in map(json.loads, storage.read_bytes(f"{out}/{REJECTS_FILE}").splitlines())}
     assert set(rejects) == {"garbage", "class9", "wide"}
     assert "label map 'garbage' is not a readable image" in rejects["garbage"]
-    assert "label map 'class9' has class ids outside [0, 6): 9" in rejects["class9"]
+    assert "class ids this model does not know (6 classes): 9" in rejects["class9"]
     assert "label map 'wide' is 32x16 but the model takes 32x32" in rejects["wide"]
     rows = _rows(out)
     assert set(rows) == {"good0_0", "good1_0", "good2_0"}
