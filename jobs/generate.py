@@ -154,8 +154,7 @@ def _base_card(source: LabelSource, cfg: SDMConfig, args: argparse.Namespace, se
 
 def plan_job(args: argparse.Namespace) -> Plan:
     """Everything that can refuse the job, checked before any worker starts."""
-    checkpoint.load_model(args.model)  # the weights must load and fit their config
-    cfg = checkpoint.load_config(args.model)
+    _, cfg = checkpoint.load_model(args.model)  # the weights must load and fit their config
     s = cfg.sampling
     args.guidance = s.guidance_scale if args.guidance is None else args.guidance
     args.sampler = args.sampler or s.sampler
@@ -165,6 +164,7 @@ def plan_job(args: argparse.Namespace) -> Plan:
     settings = GenerationSettings(
         model_id=checkpoint.model_id(args.model), sampler=args.sampler, steps=args.steps, guidance=float(args.guidance),
         seed=args.seed, eta=float(args.eta), micro_batch=args.micro_batch, precision=args.precision,
+        output_format=args.format,
     )
     source = _label_source(args, cfg)
     output = GenerationOutput(args.out)
@@ -217,7 +217,7 @@ class SampleBatch:
         return {**batch, "image": images}
 
 
-def _write(batch: dict[str, np.ndarray], out_uri: str, settings: dict[str, Any], folder: bool) -> dict[str, list[str]]:
+def _write(batch: dict[str, np.ndarray], out_uri: str, settings: dict[str, Any]) -> dict[str, list[str]]:
     """Encode and publish a batch of generated rows as shards; returns one record per shard and per reject."""
     s = GenerationSettings(**settings)
     rows, records = [], []
@@ -230,7 +230,7 @@ def _write(batch: dict[str, np.ndarray], out_uri: str, settings: dict[str, Any],
         rows.append(generated_row(key, int(batch["k"][i]), str(batch["split"][i]), batch["image"][i],
                                   batch["label"][i], inst if len(inst) else None, s))
     if rows:
-        records += [("shard", json.dumps(asdict(info))) for info in GenerationOutput(out_uri).write(rows, folder)]
+        records += [("shard", json.dumps(asdict(info))) for info in GenerationOutput(out_uri).write(rows, s.output_format == "folder")]
     return {"kind": [r[0] for r in records], "value": [r[1] for r in records]}
 
 
@@ -265,7 +265,7 @@ def build_pipeline(plan: Plan, args: argparse.Namespace) -> ray.data.Dataset:
         num_cpus=args.cpus_per_worker, num_gpus=args.num_gpus_per_worker,
     )
     return images.map_batches(
-        _write, fn_kwargs={"out_uri": args.out, "settings": settings, "folder": args.format == "folder"},
+        _write, fn_kwargs={"out_uri": args.out, "settings": settings},
         batch_size=args.shard_rows, batch_format="numpy",
     )
 

@@ -59,7 +59,8 @@ GENERATED_SCHEMA = pa.schema(
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """Everything a generated image's bytes depend on, besides its label map, key and index."""
+    """What must stay the same across runs into one output: everything a generated image's bytes depend
+    on (besides its label map, key and index), and the output format."""
 
     model_id: str
     sampler: str
@@ -69,6 +70,7 @@ class GenerationSettings:
     eta: float = 0.0
     micro_batch: int = 8  # rows per network call, fixed so that numerics never depend on batching
     precision: str = "auto"
+    output_format: str = "shards"  # or "folder": image and label PNG files as well
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
