@@ -7,6 +7,7 @@ holds its exported model under `model/`. Loading never unpickles code.
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import torch
@@ -73,6 +74,13 @@ def load_config(uri: str) -> SDMConfig:
         return SDMConfig.from_json(storage.read_bytes(storage.join(model_dir, CONFIG_FILE)).decode())
     except ConfigError as e:
         raise CheckpointError(f"{model_dir}/{CONFIG_FILE}: {e}") from None
+
+
+def model_id(uri: str) -> str:
+    """A short identity of a model's content: its config name and a hash of its weights file."""
+    model_dir = find_model_dir(uri)
+    weights = storage.read_bytes(storage.join(model_dir, WEIGHTS_FILE))
+    return f"{load_config(uri).name}-{hashlib.sha256(weights).hexdigest()[:16]}"
 
 
 def load_state_dict(uri: str) -> dict[str, torch.Tensor]:

@@ -31,9 +31,10 @@ def _resize_image(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def resize_sample(sample: dict[str, Any], size: tuple[int, int]) -> dict[str, Any]:
-    """Resize image, label and instance map to size = (width, height)."""
+    """Resize image (when present), label and instance map to size = (width, height)."""
     out = dict(sample)
-    out["image"] = _resize_image(sample["image"], size)
+    if sample.get("image") is not None:
+        out["image"] = _resize_image(sample["image"], size)
     out["label"] = _resize_ids(sample["label"], size)
     if sample.get("instance") is not None:
         out["instance"] = _resize_ids(sample["instance"], size)
@@ -63,7 +64,8 @@ def to_model_image(image: np.ndarray) -> np.ndarray:
 
 def _finish(sample: dict[str, Any]) -> dict[str, Any]:
     out = dict(sample)
-    out["image"] = to_model_image(sample["image"])
+    if sample.get("image") is not None:
+        out["image"] = to_model_image(sample["image"])
     return out
 
 
@@ -84,6 +86,7 @@ def preprocess_train(sample: dict[str, Any], model: ModelConfig, data: DataConfi
 
 
 def preprocess_eval(sample: dict[str, Any], model: ModelConfig) -> dict[str, Any]:
-    """Evaluation/generation view: resized to the model's size, no augmentation."""
+    """Evaluation/generation view: resized to the model's size, no augmentation; a label-only sample
+    (image None, as in generation from label maps) is fine."""
     th, tw = model.image_size
     return _finish(resize_sample(sample, (tw, th)))

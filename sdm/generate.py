@@ -1,0 +1,237 @@
+"""Bulk generation without Ray: settings, per-sample seeds, label-map items, batched sampling, and the
+output dataset that a generation job fills, resumes and finally describes with a card.
+
+Layout of an output URI:
+
+    generation.json                              the settings; a rerun with other settings is refused
+    shards/gen-<digest>-<split>-00000.parquet    generated rows: the shard format plus metadata columns
+    progress/gen-<digest>-<split>-00000.json     written after its shard (its info and keys): a shard
+                                                 without one is unfinished and is removed at the end
+    images/, labels/, instances/<key>_<k>.png    with the folder format
+    rejects.jsonl                                input items that could not be used, with the reason
+    dataset.json                                 the card, written last
+
+Sample k of label map `key` is seeded by derive_seed(seed, key, k) and computed in network batches of a
+fixed size, so its bytes depend on neither batch composition, worker count nor partitioning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from sdm import storage
+from sdm.config import ModelConfig, SDMConfig
+from sdm.data.card import DatasetCard, ShardInfo, write_card
+from sdm.data.packers import REJECTS_FILE
+from sdm.data.preprocess import preprocess_eval
+from sdm.data.shards import BASE_SCHEMA, SHARD_DIR, ShardWriter, decode_ids, encode_png, make_row
+from sdm.errors import DatasetError, InvalidInputError
+from sdm.labels import raw_to_classes
+from sdm.pipeline import SDMPipeline, derive_seed, to_uint8
+
+SETTINGS_FILE = "generation.json"
+PROGRESS_DIR = "progress"
+FOLDER_DIRS = {"image": "images", "label": "labels", "instance": "instances"}
+
+GENERATED_SCHEMA = pa.schema(
+    list(BASE_SCHEMA)
+    + [
+        pa.field("source_key", pa.string()),
+        pa.field("sample_index", pa.int32()),
+        pa.field("seed", pa.int64()),
+        pa.field("model_id", pa.string()),
+        pa.field("sampler", pa.string()),
+        pa.field("steps", pa.int32()),
+        pa.field("guidance", pa.float64()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """What must stay the same across runs into one output: everything a generated image's bytes depend
+    on (besides its label map, key and index), and the output format."""
+
+    model_id: str
+    sampler: str
+    steps: int
+    guidance: float
+    seed: int
+    eta: float = 0.0
+    micro_batch: int = 8  # rows per network call, fixed so that numerics never depend on batching
+    precision: str = "auto"
+    output_format: str = "shards"  # or "folder": image and label PNG files as well
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def output_key(source_key: str, k: int) -> str:
+    """The key of sample k of a label map; also the file stem in the folder format."""
+    return f"{source_key}_{k}"
+
+
+def sample_seed(seed: int, source_key: str, k: int) -> int:
+    return derive_seed(seed, source_key, k)
+
+
+def check_source_card(card: DatasetCard, source_uri: str, config: SDMConfig, model_uri: str) -> None:
+    """Refuse a label dataset whose classes the model does not have, naming both."""
+    m = config.model
+    if card.num_classes != m.num_classes:
+        raise DatasetError(
+            f"dataset {source_uri} ({card.name!r}) has {card.num_classes} classes but model {model_uri} "
+            f"({config.name!r}) takes {m.num_classes}"
+        )
+
+
+def check_size(shape: tuple[int, ...], model: ModelConfig, max_aspect_change: float, what: str) -> None:
+    """A label map is resized to the model's size; refuse one whose aspect ratio that would distort too much."""
+    h, w = shape
+    th, tw = model.image_size
+    change = abs((w / h) / (tw / th) - 1)
+    if change > max_aspect_change:
+        raise InvalidInputError(
+            f"{what} is {w}x{h} but the model takes {tw}x{th}: resizing would change the aspect ratio by "
+            f"{change:.0%} (limit {max_aspect_change:.0%}); crop it first"
+        )
+
+
+def load_item(key: str, label_png: bytes, instance_png: bytes | None, config: SDMConfig, max_aspect_change: float) -> dict[str, Any]:
+    """Decode and validate one label map (and instance map), resized to the model's size by the library's
+    evaluation preprocessing. Raises InvalidInputError or DatasetError naming the problem."""
+    label = decode_ids(label_png, f"label map {key!r}")
+    instance = decode_ids(instance_png, f"instance map {key!r}") if instance_png is not None else None
+    if instance is not None and instance.shape != label.shape:
+        raise InvalidInputError(f"instance map {key!r} is {instance.shape[1]}x{instance.shape[0]} but its label map is {label.shape[1]}x{label.shape[0]}")
+    m = config.model
+    raw_to_classes(label, config.data, m.num_classes)
+    check_size(label.shape, m, max_aspect_change, f"label map {key!r}")
+    return preprocess_eval({"key": key, "image": None, "label": label, "instance": instance}, m)
+
+
+def sample_images(
+    pipe: SDMPipeline, labels: Sequence[np.ndarray], instances: Sequence[np.ndarray | None], seeds: Sequence[int], settings: GenerationSettings
+) -> np.ndarray:
+    """uint8 [N, H, W, 3] for raw label maps at the model's size. The network always gets exactly
+    `settings.micro_batch` rows (the last call padded), as kernels may round differently by batch size."""
+    inputs = torch.cat([pipe.prepare_labels(lab, inst) for lab, inst in zip(labels, instances)])
+    m = settings.micro_batch
+    out = []
+    for start in range(0, len(seeds), m):
+        x, s = inputs[start : start + m], [int(v) for v in seeds[start : start + m]]
+        n = len(s)
+        if n < m:
+            x = torch.cat([x, x[-1:].expand(m - n, *x.shape[1:])])
+            s = s + [s[-1]] * (m - n)
+        y = pipe.sample_tensor(x, s, settings.guidance, settings.steps, settings.sampler, settings.eta)
+        out.append(to_uint8(y[:n]))
+    return np.concatenate(out)
+
+
+def generated_row(
+    source_key: str, k: int, split: str, image: np.ndarray, label_png: bytes, instance_png: bytes | None, settings: GenerationSettings
+) -> dict[str, Any]:
+    """A row of a generated dataset: the image, the label map it came from, and how it was made."""
+    h, w = image.shape[:2]
+    return make_row(
+        output_key(source_key, k), split, encode_png(image), label_png, instance_png, h, w,
+        source_key=source_key, sample_index=k, seed=sample_seed(settings.seed, source_key, k),
+        model_id=settings.model_id, sampler=settings.sampler, steps=settings.steps, guidance=float(settings.guidance),
+    )
+
+
+@dataclass
+class Reject:
+    """An input item that could not be used (the packers' rejects.jsonl format)."""
+
+    key: str
+    split: str
+    reason: str
+
+
+class GenerationOutput:
+    """The output URI of a generation job; see the module docstring for its layout."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+
+    def claim(self, settings: GenerationSettings) -> None:
+        """Record the settings, or refuse when an earlier run here used other ones (outputs must not mix)."""
+        path = storage.join(self.uri, SETTINGS_FILE)
+        if storage.exists(path):
+            before = json.loads(storage.read_bytes(path))
+            diff = {k: (before.get(k), v) for k, v in settings.to_dict().items() if before.get(k) != v}
+            if diff:
+                shown = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in sorted(diff.items()))
+                raise InvalidInputError(f"{self.uri} holds output generated with other settings ({shown}); use a new output URI")
+            return
+        storage.write_bytes(path, json.dumps(settings.to_dict(), indent=2).encode())
+
+    def _records(self) -> list[dict[str, Any]]:
+        progress = storage.join(self.uri, PROGRESS_DIR)
+        return [json.loads(storage.read_bytes(storage.join(progress, n))) for n in storage.list_files(progress, ".json")]
+
+    def completed_keys(self) -> set[str]:
+        """Output keys of every finished shard."""
+        return {k for r in self._records() for k in r["keys"]}
+
+    def write(self, rows: list[dict[str, Any]], folder: bool) -> list[ShardInfo]:
+        """Publish rows as one shard per split, named by a digest of their keys; files of the folder format
+        first, the progress record of each shard after it."""
+        digest = hashlib.sha256("\n".join(sorted(r["key"] for r in rows)).encode()).hexdigest()[:16]
+        if folder:
+            for r in rows:
+                for col, sub in FOLDER_DIRS.items():
+                    if r[col] is not None:
+                        storage.write_bytes(storage.join(self.uri, sub, f"{r['key']}.png"), r[col])
+        infos = []
+        for split in sorted({r["split"] for r in rows}):
+            part = [r for r in rows if r["split"] == split]
+            writer = ShardWriter(self.uri, split, target_bytes=sys.maxsize, prefix=f"gen-{digest}-", schema=GENERATED_SCHEMA)
+            for r in part:
+                writer.add(r)
+            (info,) = writer.close()
+            record = {"shard": asdict(info), "keys": [r["key"] for r in part]}
+            storage.write_bytes(self._record_uri(info.path), json.dumps(record).encode())
+            infos.append(info)
+        return infos
+
+    def _record_uri(self, shard_path: str) -> str:
+        stem = posixpath.splitext(posixpath.basename(shard_path))[0]
+        return storage.join(self.uri, PROGRESS_DIR, f"{stem}.json")
+
+    def finalize(self, base: DatasetCard, rejects: list[Reject]) -> DatasetCard:
+        """Remove unfinished shards, write the rejects file, then the card over every finished shard."""
+        records = self._records()
+        keys = [k for r in records for k in r["keys"]]
+        if len(keys) != len(set(keys)):
+            raise DatasetError(f"{self.uri}: some keys are in more than one shard; was it written by two jobs at once?")
+        shards = sorted((ShardInfo(**r["shard"]) for r in records), key=lambda s: s.path)
+        finished = {posixpath.basename(s.path) for s in shards}
+        shard_dir = storage.join(self.uri, SHARD_DIR)
+        for name in storage.list_files(shard_dir, ".parquet"):
+            if name not in finished:
+                storage.delete(storage.join(shard_dir, name))
+        lines = [json.dumps(asdict(r)) + "\n" for r in sorted(rejects, key=lambda r: r.key)]
+        storage.write_bytes(storage.join(self.uri, REJECTS_FILE), "".join(lines).encode())
+        sizes: dict[str, int] = {}
+        for s in shards:
+            sizes[s.split] = sizes.get(s.split, 0) + s.rows
+        card = DatasetCard(
+            name=base.name, num_classes=base.num_classes, class_names=base.class_names, palette=base.palette,
+            has_instance=base.has_instance, split_sizes=dict(sorted(sizes.items())), shards=shards,
+            extra={**base.extra, "rejects": len(rejects)},
+        )
+        write_card(self.uri, card)
+        return card

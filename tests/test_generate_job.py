@@ -1,0 +1,221 @@
+"""The bulk generation job on a local Ray cluster, with a randomly initialised tiny model (perturbed so that
+its zero-initialised layers pass signal; never trained), toy label maps, DDIM with 3 steps."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jobs.generate import EXIT_REFUSED, main
+from sdm import storage
+from sdm.checkpoint import model_id
+from sdm.data.card import CARD_FILE, read_card, write_card
+from sdm.data.shards import decode_row, encode_png, iter_rows
+from sdm.data.toy import render_toy_sample, write_toy_dataset
+from sdm.generate import REJECTS_FILE, GenerationOutput, GenerationSettings, sample_images, sample_seed
+from sdm.pipeline import SDMPipeline
+from sdm.testing import save_random_model
+
+pytestmark = pytest.mark.ray
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 3
+AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_server):
+    """A small local cluster whose workers see the loopback S3 endpoint; yields its address."""
+    import ray
+
+    saved = {k: os.environ.get(k) for k in [*AWS, "AWS_ENDPOINT_URL"]}
+    os.environ.update({**AWS, "AWS_ENDPOINT_URL": s3_server})
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # never a cluster found on the machine
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory) -> str:
+    """A randomly initialised tiny-preset model, saved like an exported one."""
+    uri = str(tmp_path_factory.mktemp("model") / "random-tiny")
+    save_random_model(uri, "tiny", seed=0)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def toy_labels(tmp_path_factory) -> str:
+    uri = str(tmp_path_factory.mktemp("toy") / "data")
+    write_toy_dataset(uri, n=6, size=32, seed=0, val_fraction=0.34)
+    return uri
+
+
+def _args(model: str, labels: str, out: str, *extra: str) -> list[str]:
+    return ["--model", model, "--labels", labels, "--out", out, "--sampler", "ddim", "--steps", str(STEPS),
+            "--guidance", "1.5", "--seed", "7", "--micro-batch", "4", *extra]
+
+
+def _rows(uri: str) -> dict[str, dict]:
+    """Every row of a generated dataset by key, read through the card (checksums verified); keys are unique."""
+    rows = list(iter_rows(uri))
+    by_key = {r["key"]: r for r in rows}
+    assert len(by_key) == len(rows), "a key is present more than once"
+    return by_key
+
+
+def _reference(model: str, label: np.ndarray, instance: np.ndarray | None, key: str, k: int) -> bytes:
+    """Sample (key, k) alone in the bare pipeline, as PNG bytes."""
+    settings = GenerationSettings(model_id(model), "ddim", STEPS, 1.5, 7, micro_batch=4)
+    image = sample_images(SDMPipeline.from_pretrained(model), [label], [instance], [sample_seed(7, key, k)], settings)[0]
+    return encode_png(image)
+
+
+def test_every_key_k_once_with_metadata_and_byte_identical_across_concurrency_and_batch_size(
+    ray_cluster, random_model, toy_labels, tmp_path
+):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    k = 2
+    assert main(_args(random_model, toy_labels, a, "--samples-per-label", str(k), "--batch-size", "4",
+                      "--concurrency", "1", "--format", "folder")) == 0
+    assert main(_args(random_model, toy_labels, b, "--samples-per-label", str(k), "--batch-size", "3",
+                      "--concurrency", "2", "--cpus-per-worker", "0.5", "--shard-rows", "5")) == 0
+
+    sources = {r["key"]: decode_row(r) for r in iter_rows(toy_labels)}
+    rows_a, rows_b = _rows(a), _rows(b)
+    expected = {f"{key}_{i}" for key in sources for i in range(k)}
+    assert set(rows_a) == set(rows_b) == expected
+    assert all(rows_a[key]["image"] == rows_b[key]["image"] for key in expected)  # byte-identical
+
+    mid = model_id(random_model)
+    for key, row in rows_a.items():
+        src = sources[row["source_key"]]
+        assert key == f"{row['source_key']}_{row['sample_index']}" and row["split"] == src["split"]
+        assert row["seed"] == sample_seed(7, row["source_key"], row["sample_index"])
+        assert (row["model_id"], row["sampler"], row["steps"], row["guidance"]) == (mid, "ddim", STEPS, 1.5)
+        got = decode_row(row)
+        assert got["image"].shape == (32, 32, 3) and got["image"].dtype == np.uint8
+        assert np.array_equal(got["label"], src["label"]) and np.array_equal(got["instance"], src["instance"])
+        for sub, col in (("images", "image"), ("labels", "label"), ("instances", "instance")):
+            assert storage.read_bytes(os.path.join(a, sub, f"{key}.png")) == row[col]
+    images = [decode_row(r)["image"].astype(int) for r in rows_a.values()]
+    assert np.abs(images[0] - images[1]).mean() > 1  # samples differ from each other
+
+    first = sources["toy-000000"]
+    assert rows_a["toy-000000_1"]["image"] == _reference(random_model, first["label"], first["instance"], "toy-000000", 1)
+
+    card = read_card(a)
+    assert card.name == "toy-generated" and card.num_classes == 6 and card.has_instance
+    assert card.split_sizes == {"train": 8, "val": 4} and card.extra["rejects"] == 0
+    assert card.extra["generation"]["samples_per_label"] == k and card.extra["generation"]["model_id"] == mid
+    assert storage.read_bytes(os.path.join(a, REJECTS_FILE)) == b""
+
+    # Other settings on the same output are refused (rerunning the same ones: see the kill test).
+    for other in (["--seed", "8"], ["--format", "shards"]):
+        assert main(_args(random_model, toy_labels, a, "--format", "folder", *other)) == EXIT_REFUSED
+
+
+def test_dataset_on_s3_to_output_on_s3(ray_cluster, random_model, s3_env):
+    labels, out = f"{s3_env}/toy", f"{s3_env}/generated"
+    write_toy_dataset(labels, n=3, size=32, seed=1, val_fraction=0.0)
+    assert main(_args(random_model, labels, out, "--samples-per-label", "2", "--batch-size", "4", "--format", "folder")) == 0
+    rows = _rows(out)
+    assert set(rows) == {f"toy-{i:06d}_{k}" for i in range(3) for k in range(2)}
+    for key, row in rows.items():
+        assert decode_row(row)["image"].shape == (32, 32, 3)
+        assert storage.read_bytes(f"{out}/images/{key}.png") == row["image"]
+    assert read_card(out).split_sizes == {"train": 6}
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_bad_items_go_to_rejects_and_the_rest_completes(ray_cluster, random_model, tmp_path):
+    labels, instances, out = tmp_path / "labels", tmp_path / "instances", str(tmp_path / "out")
+    labels.mkdir()
+    instances.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        _, label, instance = render_toy_sample(rng, 32)
+        (labels / f"good{i}.png").write_bytes(encode_png(label))
+        if i < 2:
+            (instances / f"good{i}.png").write_bytes(encode_png(instance))
+    (labels / "garbage.png").write_bytes(b"this is not a png")
+    (labels / "class9.png").write_bytes(_png(np.full((32, 32), 9, np.uint8)))
+    (labels / "wide.png").write_bytes(_png(np.zeros((16, 32), np.uint8)))
+
+    status = main(_args(random_model, str(labels), out, "--instances", str(instances), "--batch-size", "4"))
+    assert status == 3  # the exit status says how many were rejected
+    rejects = {r["key"]: r["reason"] for r in map(json.loads, storage.read_bytes(f"{out}/{REJECTS_FILE}").splitlines())}
+    assert set(rejects) == {"garbage", "class9", "wide"}
+    assert "label map 'garbage' is not a readable image" in rejects["garbage"]
+    assert "class ids this model does not know (6 classes): 9" in rejects["class9"]
+    assert "label map 'wide' is 32x16 but the model takes 32x32" in rejects["wide"]
+    rows = _rows(out)
+    assert set(rows) == {"good0_0", "good1_0", "good2_0"}
+    assert rows["good0_0"]["instance"] is not None and rows["good2_0"]["instance"] is None
+    card = read_card(out)
+    assert card.extra["rejects"] == 3 and card.class_names[0] == "class_0" and card.has_instance
+
+
+def test_refused_before_any_worker_starts(random_model, toy_labels, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    missing = str(tmp_path / "no-model")
+    assert main(_args(missing, toy_labels, out)) == EXIT_REFUSED
+    assert f"no model at {missing}" in capsys.readouterr().err
+
+    five = str(tmp_path / "five-classes")
+    card = write_toy_dataset(five, n=2, seed=0)
+    card.num_classes, card.class_names, card.palette = 5, card.class_names[:5], card.palette[:5]
+    write_card(five, card)
+    assert main(_args(random_model, five, out)) == EXIT_REFUSED
+    err = capsys.readouterr().err
+    assert f"dataset {five} ('toy') has 5 classes but model {random_model} ('tiny') takes 6" in err
+    assert main(_args(random_model, toy_labels, out, "--steps", "0")) == EXIT_REFUSED
+    with pytest.raises(SystemExit) as exit_:
+        main(_args(random_model, toy_labels, out, "--concurrency", "3-1"))
+    assert exit_.value.code == EXIT_REFUSED
+    assert not os.path.exists(out)
+
+
+def test_killed_job_finishes_on_rerun_with_every_item_exactly_once(ray_cluster, random_model, tmp_path):
+    labels, out = str(tmp_path / "toy"), str(tmp_path / "out")
+    write_toy_dataset(labels, n=8, size=32, seed=2, val_fraction=0.0)
+    args = _args(random_model, labels, out, "--samples-per-label", "2", "--batch-size", "4", "--shard-rows", "4")
+    cmd = [sys.executable, "-m", "jobs.generate", *args, "--address", ray_cluster]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not storage.list_files(os.path.join(out, "progress")):
+            assert proc.poll() is None and time.monotonic() < deadline, "the job ended before writing a shard"
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not os.path.exists(os.path.join(out, CARD_FILE))  # nothing looks complete
+    time.sleep(2)  # let the cluster reap the killed job's workers
+    assert 0 < len(GenerationOutput(out).completed_keys()) < 16
+    unfinished = os.path.join(out, "shards", "gen-0000000000000000-train-00000.parquet")
+    storage.write_bytes(unfinished, b"a shard whose progress record was never written")
+
+    assert main(args) == 0
+    rows = _rows(out)
+    assert set(rows) == {f"toy-{i:06d}_{k}" for i in range(8) for k in range(2)}
+    card = read_card(out)
+    assert not os.path.exists(unfinished)
+    assert sorted(storage.list_files(os.path.join(out, "shards"))) == sorted(os.path.basename(s.path) for s in card.shards)
+    src = decode_row(next(iter_rows(labels)))
+    assert rows[f"{src['key']}_0"]["image"] == _reference(random_model, src["label"], src["instance"], src["key"], 0)
