@@ -24,7 +24,7 @@ from jobs.train_data import check_dataset_fits, make_train_dataset
 from jobs.train_worker import train_worker
 from sdm import storage
 from sdm.config import SDMConfig, get_preset
-from sdm.data.card import read_card
+from sdm.data.card import DatasetCard, read_card
 from sdm.errors import SDMError
 
 
@@ -113,16 +113,17 @@ def _local_resources(args: argparse.Namespace) -> dict[str, int]:
     return {"num_cpus": max(os.cpu_count() or 1, needed), "include_dashboard": False}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        cfg = build_config(args)
-        validate(args, cfg)
-        card = read_card(args.data)
-        check_dataset_fits(card, cfg, args.data)
-    except SDMError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def prepare(args: argparse.Namespace) -> tuple[SDMConfig, DatasetCard]:
+    """The config and dataset card, checked against each other and the URIs (raises SDMError)."""
+    cfg = build_config(args)
+    validate(args, cfg)
+    card = read_card(args.data)
+    check_dataset_fits(card, cfg, args.data)
+    return cfg, card
+
+
+def fit(args: argparse.Namespace, cfg: SDMConfig, card: DatasetCard) -> ray.train.Result:
+    """Run (or resume) the Ray Train job; raises when it fails after its allowed restarts."""
     if args.fresh and storage.exists(args.run):
         storage.delete(args.run)
     batch = args.batch_size or cfg.train.batch_size
@@ -154,10 +155,24 @@ def main(argv: list[str] | None = None) -> int:
         datasets={"train": make_train_dataset(args.data, card, cfg, args.seed)},
         run_config=run_config(args),
     )
-    start = time.perf_counter()
     result = trainer.fit()
     if result.error:
-        print(f"error: training failed: {result.error}", file=sys.stderr)
+        raise result.error
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg, card = prepare(args)
+    except SDMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    try:
+        result = fit(args, cfg, card)
+    except Exception as e:  # Ray Train's own error types; the workers' tracebacks were printed already
+        print(f"error: training failed: {e}", file=sys.stderr)
         return 1
     metrics = result.metrics or {}
     print(

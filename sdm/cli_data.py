@@ -7,6 +7,7 @@ import time
 
 from sdm import storage
 from sdm.data.inspect import inspect_dataset
+from sdm.data.packers import LAYOUTS, pack, report
 from sdm.data.toy import write_toy_dataset
 
 
@@ -16,6 +17,11 @@ def cmd_toy(args: argparse.Namespace) -> int:
     splits = ", ".join(f"{v} {k}" for k, v in card.split_sizes.items())
     print(f"wrote the toy dataset ({splits}; {len(card.shards)} shards) to {args.dst} in {time.perf_counter() - start:.1f}s")
     return 0
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    card, rejects = pack(args.layout, args.src, args.dst, shard_bytes=int(args.shard_mb * 2**20))
+    return report(card, rejects, args.dst, args.skip_bad)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -34,6 +40,14 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.125)
     p.set_defaults(func=cmd_toy)
+
+    p = data.add_parser("pack", help="pack a labelled dataset in its published layout into shards")
+    p.add_argument("--layout", required=True, choices=sorted(LAYOUTS))
+    p.add_argument("src", help="the dataset's root folder")
+    p.add_argument("dst", help="output URI (local path, file:// or s3://)")
+    p.add_argument("--shard-mb", type=float, default=256, help="target shard size in MiB")
+    p.add_argument("--skip-bad", action="store_true", help="exit 0 even when samples were rejected")
+    p.set_defaults(func=cmd_pack)
 
     p = data.add_parser("inspect", help="print a dataset's card and class histogram, write a contact sheet")
     p.add_argument("uri")

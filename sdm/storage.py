@@ -12,7 +12,9 @@ import posixpath
 import uuid
 from urllib.parse import urlparse
 
+import boto3
 import pyarrow.fs as pafs
+from botocore.exceptions import BotoCoreError, ClientError
 
 from sdm.errors import StorageError
 
@@ -79,13 +81,13 @@ def write_bytes(uri: str, data: bytes) -> None:
     """Publish `data` at `uri` atomically: a reader sees the old object, or the whole new one.
 
     Locally the bytes go to a temporary name in the same directory and are renamed into place.
-    On S3 an object becomes visible only when its upload completes; a failed upload is removed.
+    On S3 the object is one PUT, visible only once the whole upload succeeded.
     """
     fs, path = resolve(uri)
-    parent = posixpath.dirname(path) if is_s3(uri) else os.path.dirname(path)
     try:
-        fs.create_dir(parent, recursive=True)
         if isinstance(fs, pafs.LocalFileSystem):
+            parent = os.path.dirname(path)
+            os.makedirs(parent, exist_ok=True)
             tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
             try:
                 with fs.open_output_stream(tmp) as f:
@@ -95,22 +97,21 @@ def write_bytes(uri: str, data: bytes) -> None:
                 if os.path.exists(tmp):
                     os.remove(tmp)
         else:
-            _upload(fs, path, data)
-    except OSError as e:
+            _upload(path, data)
+    except (OSError, BotoCoreError, ClientError) as e:
         raise StorageError(f"cannot write {uri}: {e}") from None
 
 
-def _upload(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    stream = fs.open_output_stream(path)
-    try:
-        stream.write(data)
-    except BaseException:
-        # Closing would complete the upload with partial data; abort it instead where pyarrow can.
-        abort = getattr(stream, "abort", None)
-        if abort is not None:
-            abort()
-        raise
-    stream.close()
+def _upload(path: str, data: bytes) -> None:
+    """One PUT through boto3: the object appears whole when it succeeds, and not at all otherwise.
+
+    (A pyarrow S3 output stream cannot be aborted: closing it after a failure would publish a prefix.)
+    """
+    bucket, _, key = path.partition("/")
+    if not key:
+        raise StorageError(f"s3://{path} names a bucket, not an object")
+    # boto3 reads AWS_ENDPOINT_URL, region and credentials itself
+    boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=data)
 
 
 def list_files(uri: str, suffix: str = "") -> list[str]:
