@@ -43,7 +43,7 @@ STEPS = 4
 
 @dataclass
 class Cluster:
-    env: dict[str, str]  # the AWS settings (and PATH) a user's shell has
+    env: dict[str, str]  # the AWS settings, PATH and Ray token a user's shell has
     dashboard: str  # the Jobs API / Serve REST address
     bucket: str
     s3_endpoint: str
@@ -59,6 +59,17 @@ class Cluster:
             str(BIN / "ray"), "job", "submit", "--address", self.dashboard, "--working-dir", ".",
             "--entrypoint-resources", '{"head": 1}', "--", *entrypoint, timeout=timeout,
         )
+
+    def _state(self, what: str, **params: str) -> list[dict]:
+        headers = {"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"}
+        r = requests.get(f"{self.dashboard}/api/v0/{what}", params=params, headers=headers, timeout=30)
+        return r.json()["data"]["result"]["result"]
+
+    def nodes_of(self, actor_class: str) -> set[str]:
+        """Which nodes ("head", "worker": their custom resource) ran actors of a class, dead ones included."""
+        kinds = {n["node_id"]: ({"head", "worker"} & set(n["resources_total"])).pop() for n in self._state("nodes")}
+        actors = self._state("actors", detail="1", limit="10000")
+        return {kinds[a["node_id"]] for a in actors if a["class_name"] == actor_class and a.get("node_id") in kinds}
 
     def s3_keys(self, prefix: str) -> list[str]:
         import boto3
@@ -179,6 +190,7 @@ def test_a_training_job_submitted_to_the_cluster_trains_from_s3_to_s3(cluster, t
     keys = cluster.s3_keys("runs/tiny/")
     assert "runs/tiny/model/config.json" in keys and any(k.endswith(".safetensors") for k in keys), keys
     assert any("checkpoint_" in k for k in keys), f"no Ray Train checkpoint on the object store: {keys}"
+    assert "worker" in cluster.nodes_of("RayTrainWorker"), "no training worker ran on the worker node"
 
 
 def test_a_generation_job_submitted_to_the_cluster_writes_a_dataset_to_s3(cluster, trained):

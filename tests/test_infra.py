@@ -73,8 +73,14 @@ def _parse_cli(module: str, args: list[str]) -> Any:
     path = ROOT / (module.replace(".", "/") + ".py")
     if module == "jobs.generate" and not path.exists():
         pytest.skip("jobs/generate.py has not landed on this branch yet")
+    if module == "sdm":
+        path = ROOT / "sdm/__main__.py"
     assert path.exists(), f"{module} names no module in the repository"
     try:
+        if module == "sdm":
+            from sdm.cli import build_parser
+
+            return build_parser().parse_args(args)
         return importlib.import_module(module).parse_args(args)
     except SystemExit:
         pytest.fail(f"{module} rejects the arguments {args}")
@@ -313,7 +319,8 @@ def test_the_image_installs_the_package_from_pyproject_like_the_makefile_without
     assert image_source == "." and copied.get("pyproject.toml") == "./" and image_dir == "/app"
 
     make = (ROOT / "Makefile").read_text()
-    (make_target,) = [t for line in make.splitlines() for t in _pip_install_targets(line) if t != "pip"]
+    lines = [line for line in make.splitlines() if "pip install" in line]
+    (make_target,) = [t for line in lines for t in _pip_install_targets(line) if t != "pip"]
     make_source, make_extras = _source_and_extras(make_target)
     assert make_source == image_source == "." and (ROOT / "pyproject.toml").exists()
     assert "test" in make_extras and "test" not in image_extras
@@ -339,6 +346,14 @@ def test_the_image_bakes_in_no_weights_or_data():
 
 
 # --- docs ------------------------------------------------------------------------------------------------
+
+
+def test_the_commands_in_the_deployment_guide_parse_with_the_clis():
+    text = re.sub(r"\\\n\s*", " ", (ROOT / "docs/deployment.md").read_text())
+    commands = [line.split("-- ", 1)[-1].split("#")[0] for line in text.splitlines() if "python -m " in line and "`" not in line]
+    assert len(commands) >= 4
+    for cmd in commands:
+        _parse_cli(*_module_args(shlex.split(cmd[cmd.index("python -m"):])))
 
 
 def test_the_deployment_guide_names_every_infra_file_and_only_files_that_exist():
