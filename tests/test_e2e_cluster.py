@@ -1,5 +1,5 @@
 """The deployment path on one machine, as a user runs it: a Ray cluster of two nodes started with `ray start`
-(separate raylets on loopback), a loopback S3 endpoint as the object store, toy data written to s3://,
+(separate raylets on this machine), a loopback S3 endpoint as the object store, toy data written to s3://,
 `ray job submit` of training (and of generation, where jobs/generate.py exists), `serve deploy` of the
 trained model, HTTP queries, and the app's metrics read back through a real Prometheus server started
 with infra/prometheus/prometheus.yml.
@@ -14,7 +14,6 @@ on the machine).
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
@@ -24,9 +23,10 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -84,7 +84,7 @@ def _output(r: subprocess.CompletedProcess) -> str:
     return f"exit {r.returncode}\n--- stdout\n{r.stdout[-6000:]}\n--- stderr\n{r.stderr[-4000:]}"
 
 
-def _wait_for(what: str, check, timeout: float, every: float = 1.0):
+def _wait_for(what: str, check: Callable[[], Any], timeout: float, every: float = 1.0) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
