@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup quickstart test bench clean
+.PHONY: setup system-deps quickstart test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,20 @@ setup: $(STAMP)
 quickstart: $(STAMP)
 	$(PY) -m jobs.quickstart --out runs/quickstart
 
-test: $(STAMP)
+# Debian packages that tests drive, as package:command: a real Prometheus (tests/test_e2e_cluster.py) and a
+# headless Chromium (tests/test_serve_page.py). Installed when missing and running as root; else those tests skip.
+SYSTEM_DEPS := prometheus:prometheus chromium:chromium chromium-driver:chromedriver
+
+system-deps:
+	@missing=""; for dep in $(SYSTEM_DEPS); do \
+	  command -v $${dep#*:} >/dev/null || missing="$$missing $${dep%%:*}"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends$$missing; } \
+	    || echo "could not install$$missing; the tests that need them skip"; \
+	else echo "missing system packages:$$missing (apt-get install them as root); the tests that need them skip"; fi
+
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
