@@ -17,6 +17,7 @@ from sdm import storage
 from sdm.checkpoint import RUN_MODEL_DIR, load_state_dict, save_classes, save_model
 from sdm.config import SDMConfig
 from sdm.diffusion import GaussianDiffusion
+from sdm.errors import CheckpointError
 from sdm.labels import encode_raw_labels
 from sdm.pipeline import derive_seed
 from sdm.train_state import EMA, MODEL, STATE, Progress, load_train_state, load_weights, save_train_state
@@ -26,20 +27,51 @@ from sdm.unet import SDMUNet
 CHECKPOINT_PREFIX = "checkpoint_"
 
 
-def latest_checkpoint_dir(run_uri: str) -> str | None:
-    """The URI of a run's newest complete Ray Train checkpoint, or None."""
+def checkpoint_dirs(run_uri: str) -> list[str]:
+    """The URIs of a run's Ray Train checkpoints that have their state file, newest first."""
     fs, path = storage.resolve(run_uri)
     try:
         from pyarrow.fs import FileSelector, FileType
 
         infos = fs.get_file_info(FileSelector(path, allow_not_found=True))
     except OSError:
-        return None
-    names = sorted(os.path.basename(i.path) for i in infos if i.type == FileType.Directory and os.path.basename(i.path).startswith(CHECKPOINT_PREFIX))
-    for name in reversed(names):
-        uri = storage.join(run_uri, name)
-        if storage.exists(storage.join(uri, STATE)):
-            return uri
+        return []
+    names = sorted(
+        name for name in (os.path.basename(i.path) for i in infos if i.type == FileType.Directory)
+        if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit()
+    )
+    uris = [storage.join(run_uri, name) for name in reversed(names)]
+    return [uri for uri in uris if storage.exists(storage.join(uri, STATE))]
+
+
+def latest_checkpoint_dir(run_uri: str) -> str | None:
+    """The URI of a run's newest complete Ray Train checkpoint, or None."""
+    dirs = checkpoint_dirs(run_uri)
+    return dirs[0] if dirs else None
+
+
+def _step_of(checkpoint_uri: str) -> int:
+    return int(os.path.basename(checkpoint_uri.rstrip("/"))[len(CHECKPOINT_PREFIX):])
+
+
+def _resume(run_uri: str, net: SDMUNet, ema: torch.nn.Module, opt: torch.optim.Optimizer, scaler) -> tuple[Progress, str] | None:
+    """Load the newest checkpoint that reads back whole: Ray Train's latest registered one, or a newer one on
+    the store (a driver killed between a checkpoint's upload and its registration leaves one there)."""
+    registered = ray.train.get_checkpoint()
+    floor = -1 if registered is None else _step_of(registered.path)
+    candidates = []
+    for uri in checkpoint_dirs(run_uri):
+        if _step_of(uri) > floor:
+            fs, path = storage.resolve(uri)
+            candidates.append(ray.train.Checkpoint(path, filesystem=fs))
+    if registered is not None:
+        candidates.append(registered)
+    for checkpoint in candidates:
+        try:
+            with checkpoint.as_directory() as d:
+                return load_train_state(d, net, ema, opt, scaler), checkpoint.path
+        except CheckpointError as e:
+            print(f"skipping an unreadable checkpoint: {e}")
     return None
 
 
@@ -125,13 +157,12 @@ def train_worker(c: dict[str, Any]) -> None:
     autocast_dtype, scaler = _autocast_and_scaler(a["precision"], device)
 
     progress = Progress(stage=a["stage"])
-    checkpoint = ray.train.get_checkpoint()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=cfg.train.weight_decay)
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            progress = load_train_state(d, net, ema, opt, scaler)
+    resumed = _resume(a["run"], net, ema, opt, scaler)
+    if resumed is not None:
+        progress, path = resumed
         if rank == 0:
-            print(f"resumed from {checkpoint.path} at step {progress.step}")
+            print(f"resumed from {path} at step {progress.step}")
     elif a["init_from"]:
         _init_weights(net, ema, a["init_from"])
     ema.to(device)

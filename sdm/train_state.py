@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from dataclasses import asdict, dataclass
 
 import torch
@@ -83,6 +84,13 @@ def load_weights(directory: str, name: str = MODEL) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read {name} in {directory}: {e}") from None
 
 
+def _load_tensors(directory: str, name: str) -> dict:
+    try:
+        return torch.load(os.path.join(directory, name), weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:  # missing or truncated
+        raise CheckpointError(f"cannot read {name} in {directory}: {e}") from None
+
+
 def load_train_state(
     directory: str,
     net: nn.Module,
@@ -94,11 +102,10 @@ def load_train_state(
     progress = load_progress(directory)
     net.load_state_dict(load_weights(directory, MODEL))
     ema.load_state_dict(load_weights(directory, EMA))
-    opt.load_state_dict(torch.load(os.path.join(directory, OPTIMIZER), weights_only=True))
-    scaler_path = os.path.join(directory, SCALER)
-    if scaler is not None and os.path.exists(scaler_path):
-        scaler.load_state_dict(torch.load(scaler_path, weights_only=True))
-    rng = torch.load(os.path.join(directory, RNG), weights_only=True)
+    opt.load_state_dict(_load_tensors(directory, OPTIMIZER))
+    if scaler is not None and os.path.exists(os.path.join(directory, SCALER)):
+        scaler.load_state_dict(_load_tensors(directory, SCALER))
+    rng = _load_tensors(directory, RNG)
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])

@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -73,8 +74,8 @@ def test_pretrain_two_workers_learns_exports_and_splits_data(cluster, toy_data, 
                     "--checkpoint-every", "15", "--audit-keys", "--set", "train.lr=2e-3"))
     text = out.stdout + out.stderr
     assert "global batch 16 = 2 workers x 8 per worker x 1 accumulation" in text
-    losses = _losses(text)
-    assert len(losses) == 6 and np.mean(losses[-2:]) < 0.7 * np.mean(losses[:2])
+    losses = _losses(text)  # forwarded worker lines: the last may miss the driver's exit
+    assert len(losses) >= 5 and np.mean(losses[-2:]) < 0.7 * np.mean(losses[:2])
     # the two workers read disjoint samples within each epoch
     for epoch in range(2):
         a = set(storage.read_bytes(f"{run}/audit/epoch{epoch:04d}_rank0.txt").decode().split())
@@ -134,19 +135,25 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(clu
         _job(cluster, "--data", toy_data, "--run", run, "--steps", "40", "--checkpoint-every", "10", "--log-every", "10"),
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
     try:
-        _wait_for(lambda: _checkpoints(run), 300, "the first checkpoint")
+        # step 20's line comes after checkpoint 10 was reported: there is a whole checkpoint to resume from
+        _wait_for(lambda: any("step 20/40 loss" in line for line in lines), 300, "step 20")
         ray.init(address=cluster.address)
         workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "TrainWorker" in a.class_name]
         assert workers, "no training worker found"
         os.kill(workers[-1].pid, signal.SIGKILL)
-        output, _ = proc.communicate(timeout=600)
+        proc.wait(timeout=600)
+        reader.join(timeout=30)
     finally:
         proc.kill()
         ray.shutdown()
+    output = "".join(lines)
     assert proc.returncode == 0, output[-3000:]
-    assert re.search(r"resumed from .*checkpoint_000000[1-3]0 at step [1-3]0", output)
-    assert "step 40/40" in output
+    assert re.search(r"resumed from .*checkpoint_000000[1-4]0 at step [1-4]0", output)
+    assert re.search(r"done in \d+s: step 40,", output)  # the driver's summary; workers' last lines may not be forwarded
     for name in _checkpoints(run):  # every checkpoint left on the store is whole and loadable
         assert load_progress(os.path.join(run, name)).step == int(name.split("_")[1])
     assert load_model(run)[1].name == "tiny"
@@ -167,4 +174,5 @@ def test_rerunning_the_same_command_continues_from_the_last_step(cluster, toy_da
     resumed = int(re.search(r"resumed from \S+ at step (\d+)", text).group(1))
     assert resumed >= last
     steps = [int(s) for s in re.findall(r"step (\d+)/30 loss", text)]
-    assert steps and steps[0] > resumed and steps[-1] == 30  # no step is trained twice
+    assert steps and steps[0] > resumed  # no step is trained twice
+    assert re.search(r"done in \d+s: step 30,", text)
