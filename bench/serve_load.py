@@ -2,7 +2,7 @@
 batching on and off (max batch 1), against a direct in-process pipeline call. Prints the table and ratios.
 
     python bench/serve_load.py                      # a randomly initialised tiny model, on this machine
-    python bench/serve_load.py --model runs/quickstart/model --steps 25
+    python bench/serve_load.py --model runs/quickstart/finetune --steps 25
 
 Every mode runs one model replica with one CPU thread (or the replica's GPU), and the direct calls use the
 same thread count, so the ratios compare like with like. At concurrency 1 the three modes take turns request
