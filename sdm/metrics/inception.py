@@ -1,0 +1,55 @@
+"""pytorch-fid's InceptionV3 (pool3, 2048 dims) as a feature extractor for FID."""
+
+from __future__ import annotations
+
+import contextlib
+from unittest import mock
+
+import numpy as np
+import torch
+from pytorch_fid import inception as fid_inception
+from torchvision.models.inception import Inception3
+
+from sdm.metrics.pretrained import FID_INCEPTION_FILE, file_sha256, find_weights, is_published, load_state
+
+
+def _build(state: dict[str, torch.Tensor] | None) -> fid_inception.InceptionV3:
+    """pytorch-fid's network with our state dict in place of its download; None keeps the random init."""
+    load = mock.patch.object(fid_inception, "load_state_dict_from_url", lambda *a, **k: state)
+    keep_init = mock.patch.object(Inception3, "load_state_dict", lambda *a, **k: None) if state is None else contextlib.nullcontext()
+    with load, keep_init:
+        return fid_inception.InceptionV3([fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+
+
+class InceptionFeatures:
+    """uint8 [N, H, W, 3] images -> [N, 2048] pool3 features (pytorch-fid resizes to 299 bilinearly)."""
+
+    dims = 2048
+
+    def __init__(self, state: dict[str, torch.Tensor] | None, weights_id: str, metric_name: str, device: str = "cpu"):
+        self.net = _build(state).to(device)
+        self.device = device
+        self.feature_id = f"inception-v3-pool3-{weights_id}"
+        self.metric_name = metric_name
+
+    @classmethod
+    def from_file(cls, path: str, device: str = "cpu") -> "InceptionFeatures":
+        sha = file_sha256(path)
+        name = "FID" if is_published(sha, FID_INCEPTION_FILE) else f"Frechet distance in Inception features (weights {sha[:8]}, not pytorch-fid's)"
+        return cls(load_state(path), sha[:16], name, device)
+
+    @classmethod
+    def random(cls, seed: int = 0, device: str = "cpu") -> "InceptionFeatures":
+        """Randomly initialised: for testing the plumbing only, and named so."""
+        torch.manual_seed(seed)
+        return cls(None, f"random{seed}", "random-inception Frechet distance", device)
+
+    @torch.no_grad()
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2).float() / 255
+        return self.net(x)[0].flatten(1).double().cpu().numpy()
+
+
+def load_inception(explicit: str | None = None, device: str = "cpu") -> InceptionFeatures:
+    """The FID extractor from --inception-weights or the torch hub cache (MissingWeightsError if neither)."""
+    return InceptionFeatures.from_file(find_weights(FID_INCEPTION_FILE, explicit, "FID Inception", "--inception-weights"), device)
