@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
+import functools
+from collections.abc import Callable
 from unittest import mock
 
 import numpy as np
@@ -13,12 +14,18 @@ from torchvision.models.inception import Inception3
 from sdm.metrics.pretrained import FID_INCEPTION_FILE, file_sha256, find_weights, is_published, load_state
 
 
-def _build(state: dict[str, torch.Tensor] | None) -> fid_inception.InceptionV3:
-    """pytorch-fid's network with our state dict in place of its download; None keeps the random init."""
-    load = mock.patch.object(fid_inception, "load_state_dict_from_url", lambda *a, **k: state)
-    keep_init = mock.patch.object(Inception3, "load_state_dict", lambda *a, **k: None) if state is None else contextlib.nullcontext()
-    with load, keep_init:
+def _build(state: dict[str, torch.Tensor]) -> fid_inception.InceptionV3:
+    """pytorch-fid's network, with our state dict in place of its download."""
+    with mock.patch.object(fid_inception, "load_state_dict_from_url", lambda *a, **k: state):
         return fid_inception.InceptionV3([fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+
+
+def random_fid_inception_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A randomly initialised state dict of pytorch-fid's FID Inception, keyed like its weights file."""
+    torch.manual_seed(seed)
+    with mock.patch.object(fid_inception, "load_state_dict_from_url", lambda *a, **k: None), \
+            mock.patch.object(Inception3, "load_state_dict", lambda *a, **k: None):
+        return fid_inception.fid_inception_v3().state_dict()
 
 
 class InceptionFeatures:
@@ -26,23 +33,29 @@ class InceptionFeatures:
 
     dims = 2048
 
-    def __init__(self, state: dict[str, torch.Tensor] | None, weights_id: str, metric_name: str, device: str = "cpu"):
-        self.net = _build(state).to(device)
+    def __init__(self, load: Callable[[], dict[str, torch.Tensor]], weights_id: str, metric_name: str, device: str = "cpu"):
+        # The network is built on first use: a driver that only names the metric never loads 95 MB of weights.
+        self._load, self._net = load, None
         self.device = device
         self.feature_id = f"inception-v3-pool3-{weights_id}"
         self.metric_name = metric_name
+
+    @property
+    def net(self) -> fid_inception.InceptionV3:
+        if self._net is None:
+            self._net = _build(self._load()).to(self.device)
+        return self._net
 
     @classmethod
     def from_file(cls, path: str, device: str = "cpu") -> "InceptionFeatures":
         sha = file_sha256(path)
         name = "FID" if is_published(sha, FID_INCEPTION_FILE) else f"Frechet distance in Inception features (weights {sha[:8]}, not pytorch-fid's)"
-        return cls(load_state(path), sha[:16], name, device)
+        return cls(functools.partial(load_state, path), sha[:16], name, device)
 
     @classmethod
     def random(cls, seed: int = 0, device: str = "cpu") -> "InceptionFeatures":
         """Randomly initialised: for testing the plumbing only, and named so."""
-        torch.manual_seed(seed)
-        return cls(None, f"random{seed}", "random-inception Frechet distance", device)
+        return cls(functools.partial(random_fid_inception_state, seed), f"random{seed}", "random-inception Frechet distance", device)
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray) -> np.ndarray:
