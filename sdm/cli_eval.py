@@ -56,6 +56,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sheet-maps", type=int, default=6, help="label maps on the contact sheet")
     p.add_argument("--sheet-samples", type=int, default=4, help="samples per label map on the contact sheet")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu", help="torch device of the Inception and AlexNet backbones, e.g. cuda")
     p.add_argument("--cache-dir", help="feature statistics and trained segmenters (default: $SDM_CACHE or ~/.cache/sdm)")
 
 
@@ -67,7 +68,7 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         metrics=tuple(args.metrics), inception_weights=args.inception_weights, alexnet_weights=args.alexnet_weights,
         segmenter=args.segmenter, segmenter_steps=args.segmenter_steps, ignore_index=args.ignore_index, size=args.size,
         max_real=args.max_real, diversity_maps=args.diversity_maps, sheet_maps=args.sheet_maps,
-        sheet_samples=args.sheet_samples, batch_size=args.batch_size, cache_dir=args.cache_dir,
+        sheet_samples=args.sheet_samples, batch_size=args.batch_size, cache_dir=args.cache_dir, device=args.device,
     )
 
 

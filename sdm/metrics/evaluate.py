@@ -56,6 +56,7 @@ class EvalSettings:
     sheet_samples: int = 4
     batch_size: int = 64
     cache_dir: str | None = None
+    device: str = "cpu"  # of the Inception and AlexNet backbones
 
     def validate(self) -> "EvalSettings":
         unknown = sorted(set(self.metrics) - set(METRICS))
@@ -153,14 +154,14 @@ def evaluate(settings: EvalSettings, score_set: ScoreSetFn = score_locally, log:
     missing = []  # every absent weights file in one error, so one round of downloads fixes them all
     if "lpips" in m:
         try:
-            distance = load_lpips(settings.alexnet_weights)
+            distance = load_lpips(settings.alexnet_weights, settings.device)
         except MissingWeightsError as e:
             missing.append(str(e))
     if "fid" in m:
         try:
             path = find_weights(FID_INCEPTION_FILE, settings.inception_weights, "FID Inception", "--inception-weights")
             inception = InceptionFeatures.from_file(path)
-            extractors[inception.feature_id] = functools.partial(InceptionFeatures.from_file, path)  # loaded where it runs
+            extractors[inception.feature_id] = functools.partial(InceptionFeatures.from_file, path, settings.device)
             names["fid"] = inception.feature_id
         except MissingWeightsError as e:
             missing.append(str(e))
