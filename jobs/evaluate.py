@@ -38,7 +38,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--num-gpus-per-worker", type=float, default=0.0)
     p.add_argument("--address", help="Ray address, or auto for the running cluster (default: RAY_ADDRESS, else a new local one)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # The actors read these; a segmenter may also be module:callable, which is no path.
+    for name in ("real", "generated", "cache_dir", "segmenter"):
+        value = getattr(args, name)
+        if value and (name != "segmenter" or storage.exists(value)):
+            setattr(args, name, storage.absolute(value))
+    return args
 
 
 class ScoreBatch:

@@ -92,7 +92,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--concurrency", type=parse_concurrency, default=1, help="sampling actors: N, or MIN-MAX to autoscale")
     p.add_argument("--address", help="Ray address, or auto for the running cluster (default: RAY_ADDRESS, else a new local one)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("model", "labels", "instances", "out"):  # the actors read and write them
+        if getattr(args, name):
+            setattr(args, name, storage.absolute(getattr(args, name)))
+    return args
 
 
 @dataclass
