@@ -157,6 +157,9 @@ def test_pluggable_segmenters_torchscript_and_callable(tmp_path):
     expected[0, :, :4] = 1
     for spec in (str(path), f"{__name__}:_two_class_segmenter"):
         assert (load_segmenter(spec).predict(imgs) == expected).all(), spec
+    # A TorchScript file's results are cached under its hash; a callable's code cannot be hashed, so never.
+    assert load_segmenter(str(path)).cache_id.startswith("torchscript-")
+    assert load_segmenter(f"{__name__}:_two_class_segmenter").cache_id is None
     with pytest.raises(InvalidInputError, match="neither a built-in segmenter directory"):
         load_segmenter(str(tmp_path / "missing"))
     with pytest.raises(InvalidInputError, match="cannot be imported"):

@@ -121,17 +121,19 @@ class StatsCache:
 
 
 def _pass(s: ImageSet, spec: ScoreSpec, size: tuple[int, int], limit: int | None, settings: EvalSettings, cache: StatsCache,
-          score_set: ScoreSetFn, log: Callable[[str], None]) -> tuple[Partial, list[str]]:
-    """Cached components, plus one pass over the set for the rest; returns them and the components reused."""
+          score_set: ScoreSetFn, log: Callable[[str], None], cacheable: Callable[[str], bool]) -> tuple[Partial, list[str]]:
+    """Cached components, plus one pass over the set for the rest; returns them and the components reused.
+    A confusion matrix of a segmenter without a cache_id (an imported callable) is never cached."""
     key = s.cache_key(size, limit)
     wanted = list(spec.extractors) + ([spec.confusion] if spec.confusion else [])
-    have = {c: v for c in wanted if (v := cache.get(key, c)) is not None}
+    have = {c: v for c in wanted if cacheable(c) and (v := cache.get(key, c)) is not None}
     todo = spec.without(set(have))
     if not todo.empty:
         log(f"scoring {s.uri}{f' ({s.split})' if s.split else ''}: {', '.join(list(todo.extractors) + ([todo.confusion] if todo.confusion else []))}")
         fresh = score_set(s, todo, size, settings.batch_size, limit, log)
         for c, v in fresh.items():
-            cache.put(key, c, v)
+            if cacheable(c):
+                cache.put(key, c, v)
         have.update(fresh)
     return have, [c for c in wanted if c not in todo.extractors and c != todo.confusion]
 
@@ -181,16 +183,20 @@ def evaluate(settings: EvalSettings, score_set: ScoreSetFn = score_locally, log:
     if "miou" in m:
         if card is None:
             raise DatasetError("mIoU needs the classes of a dataset card; neither set has one")
-        confusion = f"confusion-{segmenter.name}-{card.num_classes}-{settings.ignore_index}"
+        confusion = f"confusion-{segmenter.cache_id or segmenter.name}-{card.num_classes}-{settings.ignore_index}"
     seg_factory = functools.partial(load_segmenter, seg_uri) if seg_uri else None
     n_classes = card.num_classes if card else 0
 
     real_spec = ScoreSpec(extractors, seg_factory, confusion if real.has_labels else None, n_classes, settings.ignore_index)
     gen_spec = ScoreSpec(extractors, seg_factory, confusion, n_classes, settings.ignore_index)
-    real_parts, reused = _pass(real, real_spec, size, settings.max_real, settings, cache, score_set, log)
+
+    def cacheable(component: str) -> bool:
+        return component != confusion or segmenter.cache_id is not None
+
+    real_parts, reused = _pass(real, real_spec, size, settings.max_real, settings, cache, score_set, log, cacheable)
     if reused:
         log(f"reused cached statistics of {settings.real}: {', '.join(reused)}")
-    gen_parts, _ = _pass(gen, gen_spec, size, None, settings, cache, score_set, log)
+    gen_parts, _ = _pass(gen, gen_spec, size, None, settings, cache, score_set, log, cacheable)
 
     metrics: dict = {}
     feature_names = {"fid": "FID", "segmenter-fd": "segmenter-feature FD"}

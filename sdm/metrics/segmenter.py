@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import io
 import json
 import time
 from collections.abc import Callable
@@ -94,11 +95,12 @@ def _ids_from_output(out: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
 
 
 class Segmenter:
-    """A segmentation function with a name; `features` is set where it has a feature space (the built-in one)."""
+    """A segmentation function with a name; `features` is set where it has a feature space (the built-in one).
+    `cache_id` identifies its weights where they can be hashed; results of an imported callable are never cached."""
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], name: str, input_size: tuple[int, int] | None = None,
-                 features: "SegmenterFeatures | None" = None):
-        self.fn, self.name, self.input_size, self.features = fn, name, input_size, features
+                 features: "SegmenterFeatures | None" = None, cache_id: str | None = None):
+        self.fn, self.name, self.input_size, self.features, self.cache_id = fn, name, input_size, features, cache_id
 
     @torch.no_grad()
     def predict(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
@@ -140,7 +142,8 @@ def load_builtin(uri: str) -> Segmenter:
         raise CheckpointError(f"{uri} is not a readable built-in segmenter: {e}") from None
     net.eval()
     weights_id = hashlib.sha256(weights).hexdigest()[:16]
-    return Segmenter(net, f"built-in segmenter {weights_id}", config.image_size, SegmenterFeatures(net, config, weights_id))
+    return Segmenter(net, f"built-in segmenter {weights_id}", config.image_size, SegmenterFeatures(net, config, weights_id),
+                     cache_id=f"builtin-{weights_id}")
 
 
 def is_builtin(uri: str) -> bool:
@@ -152,11 +155,12 @@ def load_segmenter(spec: str) -> Segmenter:
     if is_builtin(spec):
         return load_builtin(spec)
     if not storage.is_s3(spec) and storage.exists(spec):
+        data = storage.read_bytes(spec)
         try:
-            module = torch.jit.load(storage.resolve(spec)[1], map_location="cpu").eval()
+            module = torch.jit.load(io.BytesIO(data), map_location="cpu").eval()
         except RuntimeError as e:
             raise InvalidInputError(f"segmenter {spec} is not a TorchScript file: {e}") from None
-        return Segmenter(module, f"TorchScript {spec}")
+        return Segmenter(module, f"TorchScript {spec}", cache_id=f"torchscript-{hashlib.sha256(data).hexdigest()[:16]}")
     mod_name, _, attr = spec.partition(":")
     if not attr:
         raise InvalidInputError(
