@@ -54,7 +54,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_REFUSED, f"{self.prog}: error: {message}\n")
 
 
-def _concurrency(text: str) -> int | tuple[int, int]:
+def parse_concurrency(text: str) -> int | tuple[int, int]:
     """`N` actors, or `MIN-MAX` for an autoscaling pool."""
     lo, _, hi = text.partition("-")
     try:
@@ -90,9 +90,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="reject label maps whose aspect ratio differs more than this from the model's")
     p.add_argument("--num-gpus-per-worker", type=float, default=0.0)
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
-    p.add_argument("--concurrency", type=_concurrency, default=1, help="sampling actors: N, or MIN-MAX to autoscale")
+    p.add_argument("--concurrency", type=parse_concurrency, default=1, help="sampling actors: N, or MIN-MAX to autoscale")
     p.add_argument("--address", help="Ray address, or auto for the running cluster (default: RAY_ADDRESS, else a new local one)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("model", "labels", "instances", "out"):  # the actors read and write them
+        if getattr(args, name):
+            setattr(args, name, storage.absolute(getattr(args, name)))
+    return args
 
 
 @dataclass
@@ -246,7 +250,7 @@ def _source_rows(src: LabelSource) -> ray.data.Dataset:
     )
 
 
-def _actor_pool(concurrency: int | tuple[int, int]) -> ray.data.ActorPoolStrategy:
+def actor_pool(concurrency: int | tuple[int, int]) -> ray.data.ActorPoolStrategy:
     if isinstance(concurrency, tuple):
         return ray.data.ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1])
     return ray.data.ActorPoolStrategy(size=concurrency)
@@ -261,7 +265,7 @@ def build_pipeline(plan: Plan, args: argparse.Namespace) -> ray.data.Dataset:
     ).repartition(target_num_rows_per_block=args.batch_size)  # one actor call per block: spreads work over the pool
     images = items.map_batches(
         SampleBatch, fn_constructor_kwargs={"model_uri": args.model, "settings": settings},
-        batch_size=args.batch_size, batch_format="numpy", compute=_actor_pool(args.concurrency),
+        batch_size=args.batch_size, batch_format="numpy", compute=actor_pool(args.concurrency),
         num_cpus=args.cpus_per_worker, num_gpus=args.num_gpus_per_worker,
     )
     return images.map_batches(
@@ -270,7 +274,7 @@ def build_pipeline(plan: Plan, args: argparse.Namespace) -> ray.data.Dataset:
     )
 
 
-def _init_ray(address: str | None) -> None:
+def init_ray(address: str | None) -> None:
     """Join the given cluster or the job's (RAY_ADDRESS), else start a private local one: never a cluster
     that merely happens to run on this machine (`--address auto` asks for that)."""
     address = address or os.environ.get("RAY_ADDRESS")
@@ -285,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_REFUSED
     if not ray.is_initialized():
-        _init_ray(args.address)
+        init_ray(args.address)
     start = time.perf_counter()
     shards: list[ShardInfo] = []
     rejects: list[Reject] = []

@@ -58,7 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="delete an existing run at --run and start over")
     p.add_argument("--address", default=None, help="Ray address (default: the job's cluster, or a local one)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("data", "run", "init_from"):
+        if getattr(args, name):
+            setattr(args, name, storage.absolute(getattr(args, name)))
+    return args
 
 
 def build_config(args: argparse.Namespace) -> SDMConfig:

@@ -14,6 +14,7 @@ from PIL import Image
 from sdm import storage
 from sdm.cli_convert import add_convert_command
 from sdm.cli_data import add_data_commands
+from sdm.cli_eval import add_eval_command
 from sdm.config import get_preset, list_presets
 from sdm.errors import SDMError
 from sdm.unet import SDMUNet, count_parameters
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_data_commands(sub)
     add_convert_command(sub)
+    add_eval_command(sub)
     return parser
 
 

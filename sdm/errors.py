@@ -23,3 +23,8 @@ class StorageError(SDMError):
 
 class DatasetError(SDMError):
     """A dataset on the store is malformed: card, shard, checksum or sample."""
+
+
+class MissingWeightsError(SDMError):
+    """Pretrained weights a metric needs (Inception for FID, AlexNet for LPIPS) are absent and cannot be
+    downloaded; the message says which file to put where."""

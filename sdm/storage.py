@@ -51,6 +51,14 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute; s3:// and file:// URIs unchanged. Jobs hand URIs to Ray workers, whose working
+    directory need not be the driver's (Ray Train runs them in their trial directory)."""
+    if is_s3(uri) or str(uri).startswith("file://"):
+        return str(uri)
+    return os.path.abspath(uri)
+
+
 def join(uri: str, *parts: str) -> str:
     """Join path parts onto a URI (posix separators for s3://, the OS's for local paths)."""
     if is_s3(uri) or str(uri).startswith("file://"):

@@ -1,11 +1,19 @@
-"""Randomly initialised models for tests, benchmarks and demos. Their images are noise-like, never real results."""
+"""Randomly initialised models and model-free generated datasets for tests, benchmarks and demos. Their images
+are never results of a trained model."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
 import torch
 
 from sdm.checkpoint import save_model
 from sdm.config import SDMConfig, get_preset
+from sdm.data.card import read_card
+from sdm.data.shards import encode_png, iter_samples
+from sdm.generate import GenerationOutput, GenerationSettings, generated_row
 from sdm.unet import SDMUNet
 
 
@@ -25,3 +33,19 @@ def save_random_model(uri: str, preset: str = "tiny", seed: int = 0) -> SDMConfi
     torch.manual_seed(seed)
     save_model(uri, perturbed(SDMUNet(config.model), seed=seed), config, metadata={"origin": "random-init"})
     return config
+
+
+def write_painted_generation(uri: str, data: str, paint: Callable[[np.random.Generator, dict[str, Any]], np.ndarray], k: int,
+                             maps: int | None = None) -> str:
+    """A dataset in the generation job's output format (shards and image folders) made without a model: k images
+    painted by paint(rng, val sample) for each of the first `maps` validation label maps of `data`."""
+    settings = GenerationSettings(model_id="painter", sampler="none", steps=0, guidance=0.0, seed=0, output_format="folder")
+    out = GenerationOutput(uri)
+    out.claim(settings)
+    rng = np.random.default_rng(1)
+    val = list(iter_samples(data, split="val"))[:maps]
+    rows = [generated_row(s["key"], j, "val", paint(rng, s), encode_png(s["label"]), encode_png(s["instance"]), settings)
+            for s in val for j in range(k)]
+    out.write(rows, folder=True)
+    out.finalize(read_card(data), [])
+    return uri

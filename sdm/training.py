@@ -11,12 +11,16 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from sdm.config import SDMConfig
+from sdm.data.preprocess import preprocess_train
+from sdm.data.shards import iter_samples
 from sdm.diffusion import GaussianDiffusion
+from sdm.labels import encode_raw_labels
 from sdm.unet import SDMUNet
 
 
@@ -152,3 +156,21 @@ def train_local(
         if log is not None:
             log(step, result, time.perf_counter() - start)
     return net.eval(), ema, history
+
+
+def local_batches(data_uri: str, config: SDMConfig, batch_size: int, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (x0 in [-1, 1], label input) batches of a dataset's train split for train_local: shuffled
+    afresh each epoch, with the library's training augmentations."""
+    rng = np.random.default_rng(seed)
+    epoch = 0
+    while True:
+        buf = []
+        for s in iter_samples(data_uri, split="train", shuffle=True, seed=seed + epoch):
+            buf.append(preprocess_train(s, config.model, config.data, rng))
+            if len(buf) == batch_size:
+                x0 = torch.from_numpy(np.stack([b["image"] for b in buf]))
+                label = torch.from_numpy(np.stack([b["label"] for b in buf]))
+                inst = torch.from_numpy(np.stack([b["instance"] for b in buf])) if buf[0]["instance"] is not None else None
+                yield x0, encode_raw_labels(label, inst, config)
+                buf = []
+        epoch += 1

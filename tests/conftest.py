@@ -1,5 +1,9 @@
+import numpy as np
 import pytest
 import torch
+
+from sdm.data.toy import render_toy_image, write_toy_dataset
+from sdm.testing import write_painted_generation
 
 from sdm.config import ModelConfig, get_preset
 from sdm.unet import SDMUNet
@@ -77,3 +81,14 @@ def store(request, tmp_path):
     if request.param == "local":
         return str(tmp_path / "store")
     return request.getfixturevalue("s3_env") + "/store"
+
+
+@pytest.fixture(scope="session")
+def eval_sets(tmp_path_factory):
+    """The evaluation tests' sets: toy data, and K=3 images per val label map from a perfect painter and from noise."""
+    root = tmp_path_factory.mktemp("eval")
+    data = str(root / "toy")
+    write_toy_dataset(data, n=96, size=32, seed=0)
+    perfect = write_painted_generation(str(root / "perfect"), data, lambda rng, s: render_toy_image(rng, s["label"], s["instance"]), k=3)
+    noise = write_painted_generation(str(root / "noise"), data, lambda rng, s: rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), k=3)
+    return {"root": root, "data": data, "perfect": perfect, "noise": noise, "cache": str(root / "cache"), "k": 3}

@@ -57,3 +57,18 @@ def test_errors_name_the_uri(tmp_path):
         storage.resolve("gs://b/x")
     with pytest.raises(StorageError, match="names no bucket"):
         storage.resolve("s3://")
+
+
+def test_jobs_hand_ray_workers_absolute_local_paths(tmp_path, monkeypatch):
+    """Ray Train runs its workers in their trial directory: a relative run URI would land there."""
+    from jobs import evaluate, generate, train
+
+    monkeypatch.chdir(tmp_path)
+    assert storage.absolute("runs/r1") == str(tmp_path / "runs/r1")
+    assert storage.absolute("s3://b/runs/r1") == "s3://b/runs/r1" and storage.absolute("file:///x/y") == "file:///x/y"
+    t = train.parse_args(["--preset", "tiny", "--data", "d", "--run", "r", "--steps", "1"])
+    assert (t.data, t.run, t.init_from) == (str(tmp_path / "d"), str(tmp_path / "r"), None)
+    g = generate.parse_args(["--model", "m", "--labels", "s3://b/l", "--out", "o"])
+    assert (g.model, g.labels, g.out) == (str(tmp_path / "m"), "s3://b/l", str(tmp_path / "o"))
+    e = evaluate.parse_args(["--real", "r", "--generated", "g", "--out", "o", "--segmenter", "pkg.mod:fn"])
+    assert (e.real, e.generated, e.segmenter) == (str(tmp_path / "r"), str(tmp_path / "g"), "pkg.mod:fn")

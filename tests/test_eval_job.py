@@ -1,0 +1,45 @@
+"""`python -m jobs.evaluate`: the passes on Ray Data actors give the numbers `sdm eval` gives in-process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from jobs.evaluate import main as job_main
+from sdm.cli import main as cli_main
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_passes_match_the_in_process_ones(eval_sets, tmp_path, local_ray):
+    common = ["--real", eval_sets["data"], "--metrics", "miou,segmenter-fd,pixel-diversity", "--batch-size", "16"]
+    # On Ray: a fresh cache (the segmenter is trained, both sets scored by an actor beside the readers), the generated set as an image folder.
+    folder = tmp_path / "perfect-folder"
+    for sub in ("images", "labels"):
+        shutil.copytree(os.path.join(eval_sets["perfect"], sub), folder / sub)
+    rc = job_main([*common, "--generated", str(folder), "--out", str(tmp_path / "ray"), "--cache-dir", str(tmp_path / "c1"),
+                   "--segmenter-steps", "40"])
+    assert rc == 0
+    on_ray = json.load(open(tmp_path / "ray" / "results.json"))
+    # In-process, another fresh cache, the same segmenter, the generated set as shards.
+    rc = cli_main(["eval", *common, "--generated", eval_sets["perfect"], "--out", str(tmp_path / "local"), "--cache-dir",
+                   str(tmp_path / "c2"), "--segmenter", on_ray["settings"]["segmenter_resolved"]])
+    assert rc == 0
+    local = json.load(open(tmp_path / "local" / "results.json"))
+    a, b = on_ray["metrics"], local["metrics"]
+    assert a["miou"]["generated"] == pytest.approx(b["miou"]["generated"]) and a["miou"]["real"] == pytest.approx(b["miou"]["real"])
+    assert a["segmenter-fd"]["value"] == pytest.approx(b["segmenter-fd"]["value"], rel=1e-4)  # sums in another order
+    assert a["segmenter-fd"]["generated_images"] == b["segmenter-fd"]["generated_images"] == 36
+    assert a["diversity"]["value"] == pytest.approx(b["diversity"]["value"])
