@@ -1,0 +1,105 @@
+"""Training steps per precision: fp32, bf16 autocast, fp16 autocast with a grad scaler.
+
+Each precision trains a fresh copy of the same network (same seed) on the same fixed batches for the same
+steps, side by side in one run on one device. Printed: images/s after a warm-up, the loss at the start and
+at the end (the batches are few, so a working step drives it down), and the steps skipped as non-finite.
+
+    python bench/train_precision.py --preset tiny --steps 40
+    python bench/train_precision.py --device cuda --preset ade20k --width 128 --size 128 --batch 16 --steps 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import torch
+import torch.nn.functional as F
+
+from sample_speed import scaled_model, synchronize
+from sdm.config import SDMConfig, get_preset
+from sdm.diffusion import GaussianDiffusion
+from sdm.training import train_step
+from sdm.unet import SDMUNet, count_parameters
+
+PRECISIONS = {"fp32": (None, False), "bf16": (torch.bfloat16, False), "fp16+scaler": (torch.float16, True)}
+
+
+def learnable_batches(cfg: SDMConfig, batch: int, count: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Blocky random label maps and images painted one colour per class: a mapping a network can fit."""
+    g = torch.Generator().manual_seed(0)
+    m = cfg.model
+    h, w = m.image_size
+    colours = torch.rand(m.num_classes, 3, generator=g) * 2 - 1
+    out = []
+    for _ in range(count):
+        coarse = torch.randint(0, m.num_classes, (batch, 1, max(h // 8, 1), max(w // 8, 1)), generator=g)
+        classes = F.interpolate(coarse.float(), size=(h, w), mode="nearest").long()[:, 0]
+        onehot = F.one_hot(classes, m.num_classes).permute(0, 3, 1, 2).float()
+        label = torch.cat([onehot, torch.zeros(batch, m.label_channels - m.num_classes, h, w)], 1)
+        x0 = colours[classes].permute(0, 3, 1, 2)
+        out.append((x0.to(device), label.to(device)))
+    return out
+
+
+def run(cfg: SDMConfig, batches, steps: int, warmup: int, dtype, use_scaler: bool, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    net = SDMUNet(cfg.model).to(device).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.train.lr)
+    scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+    diffusion = GaussianDiffusion.from_config(cfg.diffusion, cfg.model.learn_sigma)
+    gen = torch.Generator().manual_seed(0)
+    losses, skipped, start = [], 0, 0.0
+    for step in range(steps):
+        if step == warmup:
+            synchronize(device)
+            start = time.perf_counter()
+        r = train_step(net, opt, diffusion, [batches[step % len(batches)]], cfg, 0.0, gen, dtype, scaler)
+        losses.append(r.loss)
+        skipped += not r.finite
+    synchronize(device)
+    n = max(steps // 10, 1)
+    return {
+        "img/s": (steps - warmup) * batches[0][0].shape[0] / (time.perf_counter() - start),
+        "start": sum(losses[:n]) / n,
+        "end": sum(losses[-n:]) / n,
+        "skipped": skipped,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--width", type=int, default=None, help="model_channels (default: the preset's)")
+    p.add_argument("--size", type=int, default=None, help="short image side (default: the preset's)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--batches", type=int, default=4, help="distinct batches cycled through")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    args = p.parse_args()
+    device = torch.device(args.device)
+
+    preset = get_preset(args.preset)
+    model = scaled_model(preset, args.width or preset.model.model_channels, args.size or min(preset.model.image_size))
+    cfg = dataclasses.replace(preset, model=model)
+    batches = learnable_batches(cfg, args.batch, args.batches, device)
+    params = count_parameters(SDMUNet(cfg.model)) / 1e6
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(
+        f"{args.preset} structure at width {model.model_channels}, {model.image_size[0]}x{model.image_size[1]}, "
+        f"{params:.1f}M params, batch {args.batch}, {args.steps} steps ({args.warmup} warm-up) on {where}\n"
+    )
+    print(f"{'precision':<13}{'images/s':>10}{'loss start':>12}{'loss end':>10}{'skipped':>9}")
+    results = {}
+    for name, (dtype, use_scaler) in PRECISIONS.items():
+        r = results[name] = run(cfg, batches, args.steps, args.warmup, dtype, use_scaler, device)
+        print(f"{name:<13}{r['img/s']:>10.2f}{r['start']:>12.4f}{r['end']:>10.4f}{r['skipped']:>9d}")
+    print()
+    for name in ("bf16", "fp16+scaler"):
+        print(f"{name} / fp32 images/s: {results[name]['img/s'] / results['fp32']['img/s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
