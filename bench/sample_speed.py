@@ -31,6 +31,7 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: i
     """Measured GFLOP/s of an n x n matmul. On CUDA, fp32 matmuls use TF32 when cuDNN's convolutions do, so the
     peak matches what the network's fp32 convolutions run on."""
     n = n if device.type == "cpu" else 4 * n
+    tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
     a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     a @ b
@@ -39,6 +40,7 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: i
     for _ in range(reps):
         a @ b
     synchronize(device)
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
 
 
