@@ -1,3 +1,6 @@
+import os
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -92,3 +95,27 @@ def eval_sets(tmp_path_factory):
     perfect = write_painted_generation(str(root / "perfect"), data, lambda rng, s: render_toy_image(rng, s["label"], s["instance"]), k=3)
     noise = write_painted_generation(str(root / "noise"), data, lambda rng, s: rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), k=3)
     return {"root": root, "data": data, "perfect": perfect, "noise": noise, "cache": str(root / "cache"), "k": 3}
+
+
+_EXIT_STATUS = pytest.StashKey[int]()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config.stash[_EXIT_STATUS] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Leave with pytest's exit status once every result is reported, skipping the interpreter's teardown.
+
+    That teardown frees what native libraries hold after their own shutdown (Ray's core worker after several
+    sessions in one process, ray-project/ray#31145), and a CI run once ended in a segfault after all tests had
+    passed. The jobs' own exits are tested in their subprocesses.
+    """
+    if _EXIT_STATUS not in config.stash:
+        return
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(config.stash[_EXIT_STATUS])

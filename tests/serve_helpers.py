@@ -14,6 +14,7 @@ import numpy as np
 import requests
 from PIL import Image
 
+from ray_session import ray_session
 from sdm.checkpoint import save_classes
 from sdm.testing import save_random_model
 
@@ -61,23 +62,21 @@ class Cluster:
 @contextmanager
 def serve_cluster(num_cpus: int = 2) -> Iterator[Cluster]:
     """A local Ray cluster (metrics reported every second) and Serve's HTTP proxy, both on 127.0.0.1."""
-    import ray
     from ray import serve
 
     metrics_port, http_port = free_port(), free_port()
-    ray.init(
+    with ray_session(
         address="local",  # a new cluster of our own, even where another is running on this machine
         num_cpus=num_cpus,
         include_dashboard=False,
         _metrics_export_port=metrics_port,
         _system_config={"metrics_report_interval_ms": 1000},
-    )
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-        yield Cluster(f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{metrics_port}/metrics")
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    ):
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+            yield Cluster(f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{metrics_port}/metrics")
+        finally:
+            serve.shutdown()
 
 
 def deploy(args: dict[str, Any], name: str, route_prefix: str, base: str) -> str:

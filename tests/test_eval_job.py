@@ -9,6 +9,7 @@ import shutil
 import pytest
 
 from jobs.evaluate import main as job_main
+from ray_session import ray_session
 from sdm.cli import main as cli_main
 
 pytestmark = pytest.mark.ray
@@ -16,11 +17,8 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture
 def local_ray():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
+    with ray_session(num_cpus=2, include_dashboard=False):
+        yield
 
 
 def test_ray_passes_match_the_in_process_ones(eval_sets, tmp_path, local_ray):

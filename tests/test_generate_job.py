@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from jobs.generate import EXIT_REFUSED, main
+from ray_session import ray_session
 from sdm import storage
 from sdm.checkpoint import model_id
 from sdm.data.card import CARD_FILE, read_card, write_card
@@ -39,9 +40,8 @@ def ray_cluster(s3_server):
 
     saved = {k: os.environ.get(k) for k in [*AWS, "AWS_ENDPOINT_URL"]}
     os.environ.update({**AWS, "AWS_ENDPOINT_URL": s3_server})
-    ray.init(address="local", num_cpus=2, include_dashboard=False)  # never a cluster found on the machine
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+    with ray_session(address="local", num_cpus=2, include_dashboard=False):  # never a cluster found on the machine
+        yield ray.get_runtime_context().gcs_address
     for k, v in saved.items():
         os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 

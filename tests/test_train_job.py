@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+from ray_session import ray_session
 from sdm import storage
 from sdm.checkpoint import load_model
 from sdm.data.toy import write_toy_dataset
@@ -127,7 +128,6 @@ def _checkpoints(run: str) -> list[str]:
 
 
 def test_a_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(cluster, toy_data, tmp_path):
-    import ray
     from ray.util.state import list_actors
 
     run = str(tmp_path / "run")
@@ -141,15 +141,14 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(clu
     try:
         # step 20's line comes after checkpoint 10 was reported: there is a whole checkpoint to resume from
         _wait_for(lambda: any("step 20/40 loss" in line for line in lines), 300, "step 20")
-        ray.init(address=cluster.address)
-        workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "TrainWorker" in a.class_name]
+        with ray_session(address=cluster.address):
+            workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "TrainWorker" in a.class_name]
         assert workers, "no training worker found"
         os.kill(workers[-1].pid, signal.SIGKILL)
         proc.wait(timeout=600)
         reader.join(timeout=30)
     finally:
         proc.kill()
-        ray.shutdown()
     output = "".join(lines)
     assert proc.returncode == 0, output[-3000:]
     assert re.search(r"resumed from .*checkpoint_000000[1-4]0 at step [1-4]0", output)
