@@ -27,6 +27,10 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: int = 10) -> float:
     """Measured GFLOP/s of an n x n matmul. On CUDA, fp32 matmuls use TF32 when cuDNN's convolutions do, so the
     peak matches what the network's fp32 convolutions run on."""
@@ -109,7 +113,7 @@ def main() -> None:
     print(
         f"{args.preset} structure at width {cfg.model_channels}, {cfg.image_size[0]}x{cfg.image_size[1]}, "
         f"{count_parameters(net) / 1e6:.1f}M params, batch {args.batch}, guidance 1.5, DDIM {args.steps} steps, "
-        f"on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
+        f"on {device_name(device)}"
     )
     print(f"network: {gflop_step:.2f} GFLOP per guided step (both branches, {2 * args.batch} images)")
     print(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s\n")

@@ -15,32 +15,15 @@ import dataclasses
 import time
 
 import torch
-import torch.nn.functional as F
 
-from sample_speed import scaled_model, synchronize
+from sample_speed import device_name, scaled_model, synchronize
 from sdm.config import SDMConfig, get_preset
 from sdm.diffusion import GaussianDiffusion
+from sdm.testing import blocky_batches
 from sdm.training import train_step
 from sdm.unet import SDMUNet, count_parameters
 
 PRECISIONS = {"fp32": (None, False), "bf16": (torch.bfloat16, False), "fp16+scaler": (torch.float16, True)}
-
-
-def learnable_batches(cfg: SDMConfig, batch: int, count: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Blocky random label maps and images painted one colour per class: a mapping a network can fit."""
-    g = torch.Generator().manual_seed(0)
-    m = cfg.model
-    h, w = m.image_size
-    colours = torch.rand(m.num_classes, 3, generator=g) * 2 - 1
-    out = []
-    for _ in range(count):
-        coarse = torch.randint(0, m.num_classes, (batch, 1, max(h // 8, 1), max(w // 8, 1)), generator=g)
-        classes = F.interpolate(coarse.float(), size=(h, w), mode="nearest").long()[:, 0]
-        onehot = F.one_hot(classes, m.num_classes).permute(0, 3, 1, 2).float()
-        label = torch.cat([onehot, torch.zeros(batch, m.label_channels - m.num_classes, h, w)], 1)
-        x0 = colours[classes].permute(0, 3, 1, 2)
-        out.append((x0.to(device), label.to(device)))
-    return out
 
 
 def run(cfg: SDMConfig, batches, steps: int, warmup: int, dtype, use_scaler: bool, device: torch.device) -> dict:
@@ -84,12 +67,11 @@ def main() -> None:
     preset = get_preset(args.preset)
     model = scaled_model(preset, args.width or preset.model.model_channels, args.size or min(preset.model.image_size))
     cfg = dataclasses.replace(preset, model=model)
-    batches = learnable_batches(cfg, args.batch, args.batches, device)
+    batches = [(x0.to(device), label.to(device)) for x0, label in blocky_batches(model, args.batch, args.batches)]
     params = count_parameters(SDMUNet(cfg.model)) / 1e6
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
         f"{args.preset} structure at width {model.model_channels}, {model.image_size[0]}x{model.image_size[1]}, "
-        f"{params:.1f}M params, batch {args.batch}, {args.steps} steps ({args.warmup} warm-up) on {where}\n"
+        f"{params:.1f}M params, batch {args.batch}, {args.steps} steps ({args.warmup} warm-up) on {device_name(device)}\n"
     )
     print(f"{'precision':<13}{'images/s':>10}{'loss start':>12}{'loss end':>10}{'skipped':>9}")
     results = {}

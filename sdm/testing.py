@@ -10,10 +10,11 @@ import numpy as np
 import torch
 
 from sdm.checkpoint import save_model
-from sdm.config import SDMConfig, get_preset
+from sdm.config import ModelConfig, SDMConfig, get_preset
 from sdm.data.card import read_card
 from sdm.data.shards import encode_png, iter_samples
 from sdm.generate import GenerationOutput, GenerationSettings, generated_row
+from sdm.labels import label_input
 from sdm.unet import SDMUNet
 
 
@@ -25,6 +26,20 @@ def perturbed(net: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch
         for p in net.parameters():
             p.add_(torch.randn(p.shape, generator=g) * scale)
     return net
+
+
+def blocky_batches(model: ModelConfig, batch: int, count: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`count` batches of (x0 in [-1, 1], label input): blocky random label maps, each class painted in one colour
+    shared by all batches. A mapping a network fits in tens of steps, for training checks and benchmarks."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = model.image_size
+    colours = torch.rand(model.num_classes, 3, generator=g) * 2 - 1
+    out = []
+    for _ in range(count):
+        coarse = torch.randint(0, model.num_classes, (batch, 1, max(h // 8, 1), max(w // 8, 1)), generator=g)
+        classes = torch.nn.functional.interpolate(coarse.float(), size=(h, w), mode="nearest").long()[:, 0]
+        out.append((colours[classes].permute(0, 3, 1, 2).contiguous(), label_input(classes, model)))
+    return out
 
 
 def save_random_model(uri: str, preset: str = "tiny", seed: int = 0) -> SDMConfig:

@@ -9,7 +9,9 @@ import torch
 
 from sdm.diffusion import GaussianDiffusion
 from sdm.pipeline import SDMPipeline
+from sdm.testing import blocky_batches
 from sdm.training import train_step
+from sdm.unet import SDMUNet
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -54,17 +56,13 @@ def test_same_seed_same_images_whatever_the_batch_on_cuda(random_tiny_net, tiny_
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_training_on_cuda_fits_a_batch(tiny_cfg, precision):
     torch.manual_seed(0)
-    from sdm.unet import SDMUNet
-
     net = SDMUNet(tiny_cfg.model).cuda().train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     diffusion = GaussianDiffusion.from_config(tiny_cfg.diffusion, tiny_cfg.model.learn_sigma)
     g = torch.Generator().manual_seed(0)
-    classes = torch.randint(0, 6, (8, 4, 4), generator=g).repeat_interleave(8, 1).repeat_interleave(8, 2)
-    label = torch.nn.functional.one_hot(classes, tiny_cfg.model.label_channels).permute(0, 3, 1, 2).float().cuda()
-    x0 = (torch.rand(6, 3, generator=g) * 2 - 1)[classes].permute(0, 3, 1, 2).cuda()
+    x0, label = (t.cuda() for t in blocky_batches(tiny_cfg.model, 8, 1)[0])
     losses, skipped = [], 0
     for _ in range(60):
         r = train_step(net, opt, diffusion, [(x0, label)], tiny_cfg, 0.0, g, dtype, scaler)
