@@ -9,7 +9,7 @@ import argparse
 import sys
 import time
 
-from sdm.metrics.evaluate import METRICS, PAPER_METRICS, EvalSettings, evaluate, summary
+from sdm.metrics.evaluate import METRICS, DEFAULT_METRICS, EvalSettings, evaluate, summary
 from sdm.metrics.pretrained import ALEXNET_FILE, FID_INCEPTION_FILE, hub_checkpoint_dir
 from sdm.metrics.scoring import ScoreSetFn, score_locally
 
@@ -41,8 +41,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="report directory: results.json, report.md, PNGs")
     p.add_argument("--real-split", default="val", help="split of a real dataset ('all' for every split)")
     p.add_argument("--generated-split", default="all", help="split of a generated dataset")
-    p.add_argument("--metrics", type=_metrics, default=PAPER_METRICS,
-                   help=f"comma-separated, from {', '.join(METRICS)} (default: {','.join(PAPER_METRICS)})")
+    p.add_argument("--metrics", type=_metrics, default=DEFAULT_METRICS,
+                   help=f"comma-separated, from {', '.join(METRICS)} (default: {','.join(DEFAULT_METRICS)})")
     p.add_argument("--inception-weights", help=f"pytorch-fid's {FID_INCEPTION_FILE} (default: {hub_checkpoint_dir()})")
     p.add_argument("--alexnet-weights", help=f"torchvision's {ALEXNET_FILE}, for LPIPS (default: {hub_checkpoint_dir()})")
     p.add_argument("--segmenter", default="builtin",

@@ -9,7 +9,7 @@ import torch
 from pytorch_fid.fid_score import calculate_frechet_distance
 
 from sdm.errors import InvalidInputError, MissingWeightsError
-from sdm.metrics.diversity import LpipsDistance, PixelL1Distance, load_lpips, mean_pairwise_distance
+from sdm.metrics.diversity import LowPassL1Distance, LpipsDistance, load_lpips, mean_pairwise_distance
 from sdm.metrics.frechet import FeatureStats, StatsAccumulator, feature_stats, frechet_distance
 from sdm.metrics.inception import InceptionFeatures, load_inception
 from sdm.metrics.miou import ConfusionMatrix
@@ -79,12 +79,12 @@ def test_mean_pairwise_distance_averages_pairs_then_label_maps():
     groups = {"a": np.concatenate([flat(0, 1), flat(255, 1)]),  # one pair at distance 1
               "b": np.concatenate([flat(0, 2), flat(51, 1)]),  # pairs 0, 0.2, 0.2
               "c": flat(7, 1)}  # one sample: no pairs, skipped
-    r = mean_pairwise_distance(groups, PixelL1Distance(), batch_size=2)
+    r = mean_pairwise_distance(groups, LowPassL1Distance(cell=1), batch_size=2)
     assert (r.label_maps, r.pairs) == (2, 4)
     assert r.mean == pytest.approx((1.0 + 0.4 / 3) / 2)
     assert r.per_map["b"] == pytest.approx(0.4 / 3)
     with pytest.raises(InvalidInputError, match="at least one label map with 2"):
-        mean_pairwise_distance({"c": flat(7, 1)}, PixelL1Distance())
+        mean_pairwise_distance({"c": flat(7, 1)}, LowPassL1Distance(cell=1))
 
 
 def test_random_alexnet_distance_plumbing():

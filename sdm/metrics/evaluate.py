@@ -18,7 +18,7 @@ import numpy as np
 
 from sdm import storage
 from sdm.errors import DatasetError, InvalidInputError, MissingWeightsError
-from sdm.metrics.diversity import PairDistance, PixelL1Distance, load_lpips, mean_pairwise_distance
+from sdm.metrics.diversity import LowPassL1Distance, PairDistance, load_lpips, mean_pairwise_distance
 from sdm.metrics.frechet import StatsAccumulator, frechet_distance
 from sdm.metrics.image_sets import ImageSet, collect_groups, first_size, images_by_key, open_set
 from sdm.metrics.inception import InceptionFeatures
@@ -26,10 +26,13 @@ from sdm.metrics.miou import ConfusionMatrix
 from sdm.metrics.pretrained import FID_INCEPTION_FILE, find_weights
 from sdm.metrics.report import write_report
 from sdm.metrics.scoring import Partial, ScoreSetFn, ScoreSpec, score_locally
+from sdm.metrics.spectrum import SpectrumFeatures, spectral_fidelity
 from sdm.metrics.segmenter import Segmenter, SegmenterFeatures, is_builtin, load_builtin, load_segmenter, train_segmenter
 
-METRICS = ("fid", "lpips", "miou", "segmenter-fd", "pixel-diversity")
-PAPER_METRICS = ("fid", "lpips", "miou")
+METRICS = ("fid", "lpips", "miou", "spectrum", "diversity", "segmenter-fd", "pixel-diversity")
+# The paper's three, plus the spectrum (grain and blur, which FID barely sees); `diversity` is LPIPS where the
+# AlexNet weights are present and the low-pass pixel L1 otherwise.
+DEFAULT_METRICS = ("fid", "diversity", "miou", "spectrum")
 
 
 def default_cache_dir() -> str:
@@ -43,7 +46,7 @@ class EvalSettings:
     out: str
     real_split: str | None = "val"
     generated_split: str | None = None
-    metrics: tuple[str, ...] = PAPER_METRICS
+    metrics: tuple[str, ...] = DEFAULT_METRICS
     inception_weights: str | None = None
     alexnet_weights: str | None = None
     segmenter: str = "builtin"  # or a built-in segmenter directory, a TorchScript file, module:callable
@@ -150,7 +153,9 @@ def evaluate(settings: EvalSettings, score_set: ScoreSetFn = score_locally, log:
     m = set(settings.metrics)
 
     # Everything that can refuse (missing weights, segmenter, classes) is checked before any pass.
-    distance: PairDistance | None = PixelL1Distance() if "pixel-diversity" in m else None
+    if len(m & {"lpips", "diversity", "pixel-diversity"}) > 1:
+        raise InvalidInputError("choose one diversity metric: lpips, diversity or pixel-diversity")
+    distance: PairDistance | None = LowPassL1Distance() if "pixel-diversity" in m else None
     extractors: dict[str, Callable] = {}
     names: dict[str, str] = {}
     missing = []  # every absent weights file in one error, so one round of downloads fixes them all
@@ -159,6 +164,18 @@ def evaluate(settings: EvalSettings, score_set: ScoreSetFn = score_locally, log:
             distance = load_lpips(settings.alexnet_weights, settings.device)
         except MissingWeightsError as e:
             missing.append(str(e))
+    if "diversity" in m:
+        try:
+            distance = load_lpips(settings.alexnet_weights, settings.device)
+        except MissingWeightsError as e:
+            if settings.alexnet_weights is not None:  # a file the user named must be there
+                missing.append(str(e))
+            else:
+                distance = LowPassL1Distance()
+                log(f"diversity: no AlexNet weights for LPIPS, so {distance.metric_name} (not LPIPS)")
+    if "spectrum" in m:
+        spectrum = SpectrumFeatures()
+        extractors[spectrum.feature_id] = SpectrumFeatures
     if "fid" in m:
         try:
             path = find_weights(FID_INCEPTION_FILE, settings.inception_weights, "FID Inception", "--inception-weights")
@@ -205,6 +222,12 @@ def evaluate(settings: EvalSettings, score_set: ScoreSetFn = score_locally, log:
         metric_name = (inception.metric_name if metric == "fid" else segmenter.features.metric_name)
         metrics[metric] = {"name": metric_name, "value": frechet_distance(r, g), "features": component,
                            "real_images": r.n, "generated_images": g.n, "short": feature_names[metric]}
+    if "spectrum" in m:
+        r, g = real_parts[spectrum.feature_id], gen_parts[spectrum.feature_id]
+        fidelity = spectral_fidelity(r.total / r.n, g.total / g.n)
+        metrics["spectrum"] = {"name": spectrum.metric_name, "value": fidelity.spectrum_db, "short": "spectrum dB",
+                               "features": spectrum.feature_id, "real_images": r.n, "generated_images": g.n,
+                               **fidelity.as_dict()}
     if confusion:
         gen_cm = gen_parts[confusion]
         real_cm = real_parts.get(confusion)
@@ -246,6 +269,10 @@ def summary(results: dict) -> str:
         if metric["name"] == "mIoU":
             real = f" (real images: {metric['real']:.4f})" if metric["real"] is not None else ""
             lines.append(f"  mIoU ({metric['segmenter']}): {metric['generated']:.4f}{real}")
+        elif metric["name"] == SpectrumFeatures().metric_name:
+            lines.append(f"  {metric['name']}: {metric['value']:.2f}; texture {metric['texture_generated']:.1f} "
+                         f"(real images: {metric['texture_real']:.1f}, ratio {metric['texture_ratio']:.2f}); "
+                         f"high-frequency power x{metric['high_frequency_ratio']:.2f} of real")
         else:
             lines.append(f"  {metric['name']}: {metric['value']:.4f}")
     files = results["files"]

@@ -64,6 +64,11 @@ def markdown(results: dict, files: dict[str, str]) -> str:
         if key == "miou":
             lines.append(f"| mIoU, generated images | {_fmt(metric['generated'])} | segmenter: {metric['segmenter']} |")
             lines.append(f"| mIoU, real images | {_fmt(metric['real'])} | the segmenter's own accuracy on real data |")
+        elif key == "spectrum":
+            lines.append(f"| {metric['name']} | {_fmt(metric['spectrum_db'])} | 0 = the real images' spectrum; grain raises it, so does blur |")
+            lines.append(f"| high-frequency power, generated / real | {_fmt(metric['high_frequency_ratio'])} | > 1 grain, < 1 blur |")
+            lines.append(f"| texture, generated / real | {_fmt(metric['texture_generated'])} / {_fmt(metric['texture_real'])} "
+                         f"| mean abs. difference of neighbouring pixels (levels); ratio {_fmt(metric['texture_ratio'])} |")
         elif key == "diversity":
             lines.append(f"| {metric['name']} (diversity) | {_fmt(metric['value'])} | {metric['label_maps']} label maps, {metric['pairs']} pairs |")
         else:
