@@ -77,10 +77,17 @@ def load_config(uri: str) -> SDMConfig:
 
 
 def model_id(uri: str) -> str:
-    """A short identity of a model's content: its config name and a hash of its weights file."""
-    model_dir = find_model_dir(uri)
-    weights = storage.read_bytes(storage.join(model_dir, WEIGHTS_FILE))
-    return f"{load_config(uri).name}-{hashlib.sha256(weights).hexdigest()[:16]}"
+    """A short identity of a model: its config name and a hash of its config and tensors (names, dtypes, shapes,
+    values). Not of the file's bytes: safetensors writes its metadata in an order that changes from one process
+    to the next, so re-exporting the same weights must not make a new model."""
+    config = load_config(uri)
+    state = load_state_dict(uri)
+    h = hashlib.sha256(config.to_json().encode())
+    for name in sorted(state):
+        t = state[name].contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return f"{config.name}-{h.hexdigest()[:16]}"
 
 
 def load_state_dict(uri: str) -> dict[str, torch.Tensor]:

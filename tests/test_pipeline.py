@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sdm.checkpoint import load_model, save_model
+from sdm.unet import SDMUNet
+from sdm.checkpoint import load_model, model_id, save_model
 from sdm.config import SDMConfig, get_preset, list_presets
 from sdm.errors import CheckpointError, ConfigError, InvalidInputError
 from sdm.labels import remap_raw_labels
@@ -113,6 +114,24 @@ def test_checkpoint_round_trip_is_exact(tmp_path, random_tiny_net, tiny_cfg):
     a = SDMPipeline(random_tiny_net, tiny_cfg, "cpu", "fp32")(lab, num_steps=3, seed=0)
     b = SDMPipeline.from_pretrained(f"file://{tmp_path}/m", "cpu", "fp32")(lab, num_steps=3, seed=0)
     assert np.array_equal(a, b)
+
+
+def test_model_id_depends_on_weights_and_config_not_on_file_bytes(tmp_path, random_tiny_net, tiny_cfg):
+    # The same weights exported twice, with their metadata in another order (as safetensors may write it from
+    # one process to the next), are one model; a changed weight or config is another.
+    save_model(str(tmp_path / "a"), random_tiny_net, tiny_cfg, metadata={"step": "300", "stage": "finetune"})
+    save_model(str(tmp_path / "b"), random_tiny_net, tiny_cfg, metadata={"stage": "finetune", "step": "300", "x": "1"})
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() != (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert model_id(str(tmp_path / "a")) == model_id(str(tmp_path / "b"))
+    assert model_id(str(tmp_path / "a")).startswith("tiny-")
+    changed = SDMUNet(tiny_cfg.model)
+    changed.load_state_dict(random_tiny_net.state_dict())
+    with torch.no_grad():
+        next(changed.parameters()).view(-1)[0] += 1e-6
+    save_model(str(tmp_path / "c"), changed, tiny_cfg)
+    save_model(str(tmp_path / "d"), random_tiny_net, tiny_cfg.with_overrides(["sampling.guidance_scale=2.0"]))
+    ids = {model_id(str(tmp_path / n)) for n in "acd"}
+    assert len(ids) == 3
 
 
 def test_run_directory_with_exported_model_loads(tmp_path, random_tiny_net, tiny_cfg):
