@@ -1,8 +1,11 @@
 """Samplers: a noise schedule plus a model function, with classifier-free guidance applied in one place.
 
-DDPM ancestral sampling with the learned variance (the paper's Algorithm 2, on all steps or a respaced
-subset), DDIM (eta), and DPM-Solver++(2M). Every sample draws its noise from its own seeded generator,
-so a sample is a function of its seed, never of the batch it was in.
+A sampler is a small step object (one update from step i to i - 1 of a respaced process, given the model's
+clipped x_0 and its prediction) under one loop, `sample`, that evaluates the model, clips x_0, keeps the known
+region of an edit and reports progress. Samplers: DDPM ancestral sampling with the learned variance (the
+paper's Algorithm 2, on all steps or a respaced subset), DDIM (eta), DPM-Solver++(2M) and its stochastic
+variant DPM-Solver++(2M) SDE. Every sample draws its noise from its own seeded generator, so a sample is a
+function of its seed, never of the batch it was in.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from torch import nn
 
 from sdm.diffusion import GaussianDiffusion, ModelPrediction, spaced_steps
 
-SAMPLERS = ("ddpm", "ddim", "dpm++")
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], ModelPrediction]
 
@@ -101,6 +103,102 @@ def make_denoiser(
     return denoise
 
 
+class Sampler:
+    """One update x_i -> x_{i-1} of a respaced process. `fresh` is called once per sampling run, so a
+    multistep sampler keeps its history on the returned object, never across runs."""
+
+    name = ""
+
+    def fresh(self) -> "Sampler":
+        return self
+
+    def step(self, d: GaussianDiffusion, i: int, x: torch.Tensor, x0: torch.Tensor, pred: ModelPrediction,
+             noise: NoiseSource) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class DDPM(Sampler):
+    """Ancestral sampling: the posterior mean at the predicted x_0, plus noise of the model's variance."""
+
+    name = "ddpm"
+
+    def step(self, d, i, x, x0, pred, noise):
+        t = _steps(i, x)
+        mean, _, _ = d.q_posterior(x0, x, t)
+        if i == 0:
+            return mean
+        return mean + torch.exp(0.5 * d.model_log_variance(pred, t, x)) * noise()
+
+
+class DDIM(Sampler):
+    """DDIM (Song et al. 2021): eta = 0 is the deterministic ODE path, eta = 1 the DDPM posterior variance."""
+
+    name = "ddim"
+
+    def __init__(self, eta: float = 0.0):
+        self.eta = eta
+
+    def step(self, d, i, x, x0, pred, noise):
+        eps = d.eps_from_x0(x, _steps(i, x), x0)
+        a, a_prev = d.alphas_cumprod[i], d.alphas_cumprod_prev[i]
+        sigma = self.eta * np.sqrt((1 - a_prev) / (1 - a)) * np.sqrt(1 - a / a_prev)
+        x = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev - sigma**2) * eps
+        return x + sigma * noise() if i > 0 and sigma > 0 else x
+
+
+class DPMSolverPP2M(Sampler):
+    """DPM-Solver++(2M) in data prediction (Lu et al. 2022), second order from the previous step's x_0; with
+    `sde`, the stochastic 2M SDE variant, which adds fresh noise each step and so forgets part of the model's
+    earlier errors. The last step lands on the predicted x_0."""
+
+    def __init__(self, sde: bool = False):
+        self.sde = sde
+        self.name = "dpm++sde" if sde else "dpm++"
+        self.x0_prev: torch.Tensor | None = None
+        self.h_prev: float | None = None
+
+    def fresh(self) -> "DPMSolverPP2M":
+        return DPMSolverPP2M(self.sde)
+
+    def step(self, d, i, x, x0, pred, noise):
+        if i == 0:
+            return x0
+        alpha, sigma = np.sqrt(d.alphas_cumprod), np.sqrt(1 - d.alphas_cumprod)
+        lam = np.log(alpha) - np.log(sigma)
+        j = i - 1
+        h = lam[j] - lam[i]
+        D = x0
+        if self.x0_prev is not None:  # midpoint form: D = x0 + (x0 - x0_prev) / (2 r), r = h_prev / h
+            D = x0 + (x0 - self.x0_prev) / (2 * (self.h_prev / h))
+        if self.sde:
+            x = (sigma[j] / sigma[i]) * np.exp(-h) * x - alpha[j] * np.expm1(-2 * h) * D
+            x = x + sigma[j] * np.sqrt(-np.expm1(-2 * h)) * noise()
+        else:
+            x = (sigma[j] / sigma[i]) * x - alpha[j] * np.expm1(-h) * D
+        self.x0_prev, self.h_prev = x0, h
+        return x
+
+
+_SAMPLERS: dict[str, Callable[[float], Sampler]] = {
+    "ddpm": lambda eta: DDPM(),
+    "ddim": lambda eta: DDIM(eta),
+    "dpm++": lambda eta: DPMSolverPP2M(),
+    "dpm++sde": lambda eta: DPMSolverPP2M(sde=True),
+}
+SAMPLERS = tuple(_SAMPLERS)
+
+
+def make_sampler(name: str, eta: float = 0.0) -> Sampler:
+    """A sampler by name; `eta` is DDIM's (the others ignore it)."""
+    if name not in _SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    return _SAMPLERS[name](eta)
+
+
+def _steps(i: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.full((like.shape[0],), i, device=like.device, dtype=torch.long)
+
+
 def sample(
     denoise_for: Callable[[GaussianDiffusion], Denoiser],
     diffusion: GaussianDiffusion,
@@ -111,66 +209,22 @@ def sample(
     known: Known | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """Run a sampler from pure noise to x_0 in [-1, 1]; `denoise_for` binds the model to the respaced process."""
-    if method not in SAMPLERS:
-        raise ValueError(f"unknown sampler {method!r}; choose one of {', '.join(SAMPLERS)}")
+    """Run a sampler from pure noise to x_0 in [-1, 1]; `denoise_for` binds the model to the respaced process.
+
+    Each step: the model's prediction, its x_0 clipped to [-1, 1], the sampler's update, then the known region
+    replaced by the forward-noised image at the step moved to.
+    """
+    sampler = make_sampler(method, eta).fresh()
     d = diffusion.respaced(spaced_steps(diffusion.num_timesteps, steps))
     denoise = denoise_for(d)
-    x = _impose(noise(), known, d, d.num_timesteps - 1, noise)
-    loop = {"ddpm": _ddpm, "ddim": _ddim, "dpm++": _dpm_solver_2m}[method]
-    return loop(denoise, d, x, noise, eta, known, progress or (lambda i, n: None)).clamp(-1, 1)
-
-
-def _ddpm(denoise, d, x, noise, eta, known, progress):
     n = d.num_timesteps
+    x = _impose(noise(), known, d, n - 1, noise)
     for k, i in enumerate(reversed(range(n))):
-        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-        mean, logvar, _ = d.p_mean_variance(denoise(x, t), x, t)
-        x = mean + (torch.exp(0.5 * logvar) * noise() if i > 0 else 0)
-        x = _impose(x, known, d, i - 1 if i > 0 else None, noise)
-        progress(k + 1, n)
-    return x
-
-
-def _ddim(denoise, d, x, noise, eta, known, progress):
-    n = d.num_timesteps
-    for k, i in enumerate(reversed(range(n))):
-        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+        t = _steps(i, x)
         pred = denoise(x, t)
         x0 = d.predict_x0(x, t, pred.eps).clamp(-1, 1)
-        eps = d.eps_from_x0(x, t, x0)
-        a, a_prev = d.alphas_cumprod[i], d.alphas_cumprod_prev[i]
-        sigma = eta * np.sqrt((1 - a_prev) / (1 - a)) * np.sqrt(1 - a / a_prev)
-        x = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev - sigma**2) * eps
-        if i > 0 and sigma > 0:
-            x = x + sigma * noise()
+        x = sampler.step(d, i, x, x0, pred, noise)
         x = _impose(x, known, d, i - 1 if i > 0 else None, noise)
-        progress(k + 1, n)
-    return x
-
-
-def _dpm_solver_2m(denoise, d, x, noise, eta, known, progress):
-    """DPM-Solver++(2M) in data prediction, over the respaced steps; the last step lands on x_0."""
-    n = d.num_timesteps
-    alpha = np.sqrt(d.alphas_cumprod)
-    sigma = np.sqrt(1 - d.alphas_cumprod)
-    lam = np.log(alpha) - np.log(sigma)
-    x0_prev, h_prev = None, None
-    for k, i in enumerate(reversed(range(n))):
-        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-        x0 = d.predict_x0(x, t, denoise(x, t).eps).clamp(-1, 1)
-        if i == 0:
-            x = x0
-        else:
-            j = i - 1
-            h = lam[j] - lam[i]
-            if x0_prev is None:
-                D = x0
-            else:
-                r = h_prev / h
-                D = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-            x = (sigma[j] / sigma[i]) * x - alpha[j] * np.expm1(-h) * D
-            x0_prev, h_prev = x0, h
-        x = _impose(x, known, d, i - 1 if i > 0 else None, noise)
-        progress(k + 1, n)
-    return x
+        if progress is not None:
+            progress(k + 1, n)
+    return x.clamp(-1, 1)
