@@ -10,7 +10,7 @@ from sdm.config import get_preset
 from sdm.diffusion import GaussianDiffusion, ModelPrediction
 from sdm.labels import label_input
 from sdm.pipeline import SDMPipeline
-from sdm.samplers import NoiseSource, guided_output, make_denoiser, sample
+from sdm.samplers import DDIM, NoiseSource, DPMSolverPP2M, guided_output, make_denoiser, sample
 from sdm.training import train_local
 
 
@@ -52,7 +52,7 @@ def _run(net, cfg, method, seeds, steps=8, eta=0.0, noise_cls=NoiseSource):
         return sample(lambda dd: make_denoiser(net, dd, y, 1.5), d, method, steps, noise, eta=eta)
 
 
-@pytest.mark.parametrize("method", ["ddpm", "ddim", "dpm++"])
+@pytest.mark.parametrize("method", ["ddpm", "ddim", "dpm++", "dpm++sde"])
 def test_samplers_are_deterministic_per_seed(random_tiny_net, tiny_cfg, method):
     a = _run(random_tiny_net, tiny_cfg, method, [1, 2], eta=1.0)
     b = _run(random_tiny_net, tiny_cfg, method, [1, 2], eta=1.0)
@@ -117,7 +117,8 @@ def test_memorised_pair_is_reproduced_by_every_sampler(memorised, method, steps)
     assert _psnr(out[0], target) > (22.0 if method == "ddpm" else 15.0)
 
 
-@pytest.mark.parametrize("method,steps", [("ddpm", 1000), ("ddpm", 50), ("ddim", 50), ("ddim", 10), ("dpm++", 20), ("dpm++", 5)])
+@pytest.mark.parametrize("method,steps", [("ddpm", 1000), ("ddpm", 50), ("ddim", 50), ("ddim", 10), ("dpm++", 20), ("dpm++", 5),
+                                          ("dpm++sde", 20), ("dpm++sde", 5)])
 def test_sampler_with_an_oracle_denoiser_lands_on_x0(method, steps):
     """With the exact eps of a known x0, each sampler must return that x0."""
     x0 = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 1.6 - 0.8
@@ -133,3 +134,57 @@ def test_sampler_with_an_oracle_denoiser_lands_on_x0(method, steps):
 
     out = sample(oracle_for, d, method, steps, NoiseSource([1, 2], (3, 8, 8), torch.device("cpu")), eta=1.0)
     assert (out - x0).abs().max() < 1e-4
+
+
+class _FixedNoise:
+    def __init__(self, z):
+        self.z = z
+
+    def __call__(self):
+        return self.z
+
+
+def _process(steps=10):
+    from sdm.diffusion import spaced_steps
+
+    d = GaussianDiffusion.from_config(get_preset("tiny").diffusion, True)
+    return d.respaced(spaced_steps(d.num_timesteps, steps))
+
+
+def test_ddim_step_with_eta_between_zero_and_one_matches_its_closed_form():
+    d, i = _process(), 6
+    g = torch.Generator().manual_seed(0)
+    x, x0, z = (torch.randn(1, 3, 4, 4, generator=g) for _ in range(3))
+    x0 = x0.clamp(-1, 1)
+    a, a_prev = d.alphas_cumprod[i], d.alphas_cumprod_prev[i]
+    eps = (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
+    for eta in (0.3, 0.5):
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+        want = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - sigma**2) * eps + sigma * z
+        got = DDIM(eta).step(d, i, x, x0, None, _FixedNoise(z))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sde", [False, True])
+def test_dpm_solver_2m_second_step_matches_its_closed_form(sde):
+    """Two steps with different x0 estimates: the second uses D = x0 + (x0 - x0_prev) h / (2 h_prev)."""
+    d = _process()
+    g = torch.Generator().manual_seed(1)
+    x, x0_a, x0_b, z = (torch.randn(1, 3, 4, 4, generator=g) for _ in range(4))
+    alpha, sigma = np.sqrt(d.alphas_cumprod), np.sqrt(1 - d.alphas_cumprod)
+    lam = np.log(alpha / sigma)
+    solver = DPMSolverPP2M(sde=sde).fresh()
+    x1 = solver.step(d, 7, x, x0_a, None, _FixedNoise(z))
+    x2 = solver.step(d, 6, x1, x0_b, None, _FixedNoise(z))
+    h1, h2 = lam[6] - lam[7], lam[5] - lam[6]
+    D = x0_b + (x0_b - x0_a) * h2 / (2 * h1)
+    if sde:
+        want1 = sigma[6] / sigma[7] * np.exp(-h1) * x + alpha[6] * (1 - np.exp(-2 * h1)) * x0_a + sigma[6] * np.sqrt(1 - np.exp(-2 * h1)) * z
+        want2 = sigma[5] / sigma[6] * np.exp(-h2) * x1 + alpha[5] * (1 - np.exp(-2 * h2)) * D + sigma[5] * np.sqrt(1 - np.exp(-2 * h2)) * z
+    else:
+        want1 = sigma[6] / sigma[7] * x + alpha[6] * (1 - np.exp(-h1)) * x0_a
+        want2 = sigma[5] / sigma[6] * x1 + alpha[5] * (1 - np.exp(-h2)) * D
+    torch.testing.assert_close(x1, want1.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x2, want2.float(), rtol=1e-5, atol=1e-5)
+    # A fresh run forgets the history: its first step is first order again.
+    torch.testing.assert_close(solver.fresh().step(d, 7, x, x0_a, None, _FixedNoise(z)), x1)
