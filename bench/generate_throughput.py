@@ -26,7 +26,8 @@ import torch
 from jobs.generate import main as generate
 from sdm.data.shards import decode_row, iter_rows
 from sdm.data.toy import write_toy_dataset
-from sdm.pipeline import SDMPipeline, derive_seed, to_uint8
+from sdm.generate import sample_seed
+from sdm.pipeline import SDMPipeline
 from sdm.testing import save_random_model
 
 
@@ -36,8 +37,8 @@ def bare_loop(pipe: SDMPipeline, samples: list[dict], args: argparse.Namespace) 
     for i in range(0, len(samples), args.batch_size):
         part = samples[i : i + args.batch_size]
         x = pipe.prepare_labels([s["label"] for s in part], [s["instance"] for s in part])
-        seeds = [derive_seed(args.seed, s["key"], 0) for s in part]
-        to_uint8(pipe.sample_tensor(x, seeds, args.guidance, args.steps, args.sampler))
+        seeds = [sample_seed(args.seed, s["key"], 0) for s in part]
+        pipe.runner(x, seeds, pipe.params(args.guidance, args.steps, args.sampler))
     return time.perf_counter() - start
 
 
@@ -72,7 +73,7 @@ def main() -> None:
     model = args.model or os.path.join(tmp, "model")
     if not args.model:
         save_random_model(model, "tiny", seed=0)
-    pipe = SDMPipeline.from_pretrained(model)
+    pipe = SDMPipeline.from_pretrained(model, micro_batch=args.batch_size)
     size = pipe.config.model.image_size[0]
     labels = os.path.join(tmp, "labels")
     write_toy_dataset(labels, n=args.items, size=size, seed=0, val_fraction=0.0)

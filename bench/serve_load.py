@@ -85,12 +85,12 @@ def bench_http(url: str, label: bytes, steps: int, concurrency: int, requests_: 
 
 
 def bench_direct(pipe: SDMPipeline, label: np.ndarray, steps: int, concurrency: int, calls: int) -> tuple[list[float], float]:
-    pipe([label] * concurrency, num_steps=steps, batch_size=concurrency)  # warm-up
+    pipe([label] * concurrency, num_steps=steps)  # warm-up
     latencies = []
     start = time.perf_counter()
     for i in range(calls):
         t = time.perf_counter()
-        pipe([label] * concurrency, num_steps=steps, seed=i, batch_size=concurrency)
+        pipe([label] * concurrency, num_steps=steps, seed=i)
         latencies.append(time.perf_counter() - t)
     return latencies, time.perf_counter() - start
 

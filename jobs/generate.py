@@ -43,6 +43,7 @@ from sdm.generate import (
 from sdm.labels import default_palette
 from sdm.pipeline import SDMPipeline
 from sdm.samplers import SAMPLERS
+from sdm.sampling import SamplingParams
 
 EXIT_REFUSED = 100
 MAX_REJECT_STATUS = 99
@@ -119,13 +120,11 @@ class Plan:
     done: set[str]
 
 
-def _check_numbers(args: argparse.Namespace, cfg: SDMConfig) -> None:
+def _check_numbers(args: argparse.Namespace) -> None:
     for name in ("samples_per_label", "batch_size", "micro_batch", "shard_rows"):
         if getattr(args, name) < 1:
             raise InvalidInputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not 1 <= args.steps <= cfg.diffusion.steps:
-        raise InvalidInputError(f"--steps must lie in [1, {cfg.diffusion.steps}], got {args.steps}")
-    for name in ("guidance", "eta", "max_aspect_change", "num_gpus_per_worker", "cpus_per_worker"):
+    for name in ("max_aspect_change", "num_gpus_per_worker", "cpus_per_worker"):
         if not getattr(args, name) >= 0:
             raise InvalidInputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
 
@@ -159,15 +158,12 @@ def _base_card(source: LabelSource, cfg: SDMConfig, args: argparse.Namespace, se
 def plan_job(args: argparse.Namespace) -> Plan:
     """Everything that can refuse the job, checked before any worker starts."""
     _, cfg = checkpoint.load_model(args.model)  # the weights must load and fit their config
-    s = cfg.sampling
-    args.guidance = s.guidance_scale if args.guidance is None else args.guidance
-    args.sampler = args.sampler or s.sampler
-    args.steps = s.steps if args.steps is None else args.steps
-    args.eta = s.eta if args.eta is None else args.eta
-    _check_numbers(args, cfg)
+    params = SamplingParams.resolve(cfg.sampling, cfg.diffusion.steps, args.guidance, args.steps, args.sampler, args.eta)
+    _check_numbers(args)
     settings = GenerationSettings(
-        model_id=checkpoint.model_id(args.model), sampler=args.sampler, steps=args.steps, guidance=float(args.guidance),
-        seed=args.seed, eta=float(args.eta), micro_batch=args.micro_batch, precision=args.precision,
+        model_id=checkpoint.model_id(args.model), sampler=params.sampler, steps=params.num_inference_steps,
+        guidance=float(params.guidance_scale), seed=args.seed, eta=float(params.eta), micro_batch=args.micro_batch,
+        precision=args.precision,
         output_format=args.format,
     )
     source = _label_source(args, cfg)
@@ -206,7 +202,7 @@ class SampleBatch:
 
     def __init__(self, model_uri: str, settings: dict[str, Any]):
         self.settings = GenerationSettings(**settings)
-        self.pipe = SDMPipeline.from_pretrained(model_uri, precision=self.settings.precision)
+        self.pipe = SDMPipeline.from_pretrained(model_uri, precision=self.settings.precision, micro_batch=self.settings.micro_batch)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         h, w = self.pipe.config.model.image_size

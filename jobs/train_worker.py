@@ -19,7 +19,7 @@ from sdm.config import SDMConfig
 from sdm.diffusion import GaussianDiffusion
 from sdm.errors import CheckpointError
 from sdm.labels import encode_raw_labels
-from sdm.pipeline import derive_seed
+from sdm.sampling import derive_seed
 from sdm.train_state import EMA, MODEL, STATE, Progress, load_train_state, load_weights, save_train_state
 from sdm.training import StepResult, make_ema, train_step
 from sdm.unet import SDMUNet

@@ -17,6 +17,7 @@ from sdm.cli_data import add_data_commands
 from sdm.cli_eval import add_eval_command
 from sdm.config import get_preset, list_presets
 from sdm.errors import SDMError
+from sdm.samplers import SAMPLERS
 from sdm.unet import SDMUNet, count_parameters
 
 
@@ -48,7 +49,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         label = _read_id_png(uri)
         inst = _read_id_png(args.instances[i]) if args.instances else None
         images = pipe(
-            label, instances=inst, guidance_scale=args.guidance, num_steps=args.steps, sampler=args.sampler,
+            label, instances=inst, guidance_scale=args.guidance, num_steps=args.steps, sampler=args.sampler, eta=args.eta,
             seed=args.seed + i, num_samples=args.num_samples,
             progress=lambda k, n: print(f"\r{Path(uri).name}: step {k}/{n}", end="", file=sys.stderr),
         )
@@ -75,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale s")
     p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default=None)
+    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: the model's")
+    p.add_argument("--eta", type=float, default=None, help="DDIM's eta (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--device", default=None)

@@ -11,8 +11,10 @@ Layout of an output URI:
     rejects.jsonl                                input items that could not be used, with the reason
     dataset.json                                 the card, written last
 
-Sample k of label map `key` is seeded by derive_seed(seed, key, k) and computed in network batches of a
-fixed size, so its bytes depend on neither batch composition, worker count nor partitioning.
+Label map `key` is sampled as one call of the library's runner with seed derive_seed(seed, key) (recorded per row
+as `seed`, with the sample's index as `sample_index`), in network batches of a fixed size, so a sample's bytes
+depend on neither batch composition, worker count nor partitioning, and any other door (the pipeline,
+`sdm sample`, HTTP) given that seed and the same settings draws the same sample k.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from sdm.data.preprocess import preprocess_eval
 from sdm.data.shards import BASE_SCHEMA, SHARD_DIR, ShardWriter, decode_ids, encode_png, make_row
 from sdm.errors import DatasetError, InvalidInputError
 from sdm.labels import raw_to_classes
-from sdm.pipeline import SDMPipeline, derive_seed, to_uint8
+from sdm.pipeline import SDMPipeline
+from sdm.sampling import SamplingParams, derive_seed
 
 SETTINGS_FILE = "generation.json"
 PROGRESS_DIR = "progress"
@@ -71,9 +74,13 @@ class GenerationSettings:
     micro_batch: int = 8  # rows per network call, fixed so that numerics never depend on batching
     precision: str = "auto"
     output_format: str = "shards"  # or "folder": image and label PNG files as well
+    seed_rule: int = 2  # label map `key` is a call with seed derive_seed(seed, key); outputs without it seeded each sample
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def params(self) -> SamplingParams:
+        return SamplingParams(self.guidance, self.steps, self.sampler, self.eta)
 
 
 def output_key(source_key: str, k: int) -> str:
@@ -81,8 +88,14 @@ def output_key(source_key: str, k: int) -> str:
     return f"{source_key}_{k}"
 
 
+def call_seed(seed: int, source_key: str) -> int:
+    """The seed of the call that samples label map `source_key`: what the row records, and what another door takes."""
+    return derive_seed(seed, source_key)
+
+
 def sample_seed(seed: int, source_key: str, k: int) -> int:
-    return derive_seed(seed, source_key, k)
+    """The noise seed of sample k of label map `source_key`."""
+    return derive_seed(call_seed(seed, source_key), k)  # sample k of that call: sdm.sampling.sample_seeds
 
 
 def check_source_card(card: DatasetCard, source_uri: str, config: SDMConfig, model_uri: str) -> None:
@@ -123,20 +136,10 @@ def load_item(key: str, label_png: bytes, instance_png: bytes | None, config: SD
 def sample_images(
     pipe: SDMPipeline, labels: Sequence[np.ndarray], instances: Sequence[np.ndarray | None], seeds: Sequence[int], settings: GenerationSettings
 ) -> np.ndarray:
-    """uint8 [N, H, W, 3] for raw label maps at the model's size. The network always gets exactly
-    `settings.micro_batch` rows (the last call padded), as kernels may round differently by batch size."""
+    """uint8 [N, H, W, 3] for raw label maps at the model's size, through the library's runner (whose micro-batch
+    the pipeline was built with: settings.micro_batch)."""
     inputs = torch.cat([pipe.prepare_labels(lab, inst) for lab, inst in zip(labels, instances)])
-    m = settings.micro_batch
-    out = []
-    for start in range(0, len(seeds), m):
-        x, s = inputs[start : start + m], [int(v) for v in seeds[start : start + m]]
-        n = len(s)
-        if n < m:
-            x = torch.cat([x, x[-1:].expand(m - n, *x.shape[1:])])
-            s = s + [s[-1]] * (m - n)
-        y = pipe.sample_tensor(x, s, settings.guidance, settings.steps, settings.sampler, settings.eta)
-        out.append(to_uint8(y[:n]))
-    return np.concatenate(out)
+    return pipe.runner(inputs, [int(s) for s in seeds], settings.params())
 
 
 def generated_row(
@@ -146,7 +149,7 @@ def generated_row(
     h, w = image.shape[:2]
     return make_row(
         output_key(source_key, k), split, encode_png(image), label_png, instance_png, h, w,
-        source_key=source_key, sample_index=k, seed=sample_seed(settings.seed, source_key, k),
+        source_key=source_key, sample_index=k, seed=call_seed(settings.seed, source_key),
         model_id=settings.model_id, sampler=settings.sampler, steps=settings.steps, guidance=float(settings.guidance),
     )
 

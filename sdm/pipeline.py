@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Union
 
 import numpy as np
@@ -17,16 +15,11 @@ from sdm.device import autocast_dtype, default_device
 from sdm.diffusion import GaussianDiffusion
 from sdm.errors import InvalidInputError
 from sdm.labels import label_input, raw_to_classes
-from sdm.samplers import SAMPLERS, Known, NoiseSource, make_denoiser, sample
+from sdm.samplers import Known
+from sdm.sampling import DEFAULT_MICRO_BATCH, Progress, SampleRunner, SamplingParams, sample_seeds
 from sdm.unet import SDMUNet
 
 LabelLike = Union[np.ndarray, torch.Tensor, Image.Image]
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed from any parts (base seed, key, sample index): stable across runs and machines."""
-    digest = hashlib.blake2b(":".join(str(p) for p in parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def _as_id_array(x: LabelLike, what: str) -> np.ndarray:
@@ -65,20 +58,28 @@ def _stack(maps: LabelLike | Sequence[LabelLike], what: str) -> np.ndarray:
 
 
 class SDMPipeline:
-    """An SDM network with its diffusion process and sampling defaults."""
+    """An SDM network with its diffusion process, sampling defaults and the runner that samples it."""
 
-    def __init__(self, net: SDMUNet, config: SDMConfig, device: torch.device | str | None = None, precision: str = "auto"):
+    def __init__(self, net: SDMUNet, config: SDMConfig, device: torch.device | str | None = None, precision: str = "auto",
+                 micro_batch: int = DEFAULT_MICRO_BATCH):
         self.config = config
         self.device = torch.device(device) if device is not None else default_device()
         self.net = net.to(self.device).eval()
         self.dtype = autocast_dtype(self.device, precision)
         self.diffusion = GaussianDiffusion.from_config(config.diffusion, learn_sigma=config.model.learn_sigma)
+        self.runner = SampleRunner(self.net, self.diffusion, self.device, self.dtype, micro_batch)
 
     @classmethod
-    def from_pretrained(cls, uri: str, device: torch.device | str | None = None, precision: str = "auto") -> "SDMPipeline":
+    def from_pretrained(cls, uri: str, device: torch.device | str | None = None, precision: str = "auto",
+                        micro_batch: int = DEFAULT_MICRO_BATCH) -> "SDMPipeline":
         """Load an exported model directory, a training run, or a converted official checkpoint."""
         net, config = checkpoint.load_model(uri)
-        return cls(net, config, device=device, precision=precision)
+        return cls(net, config, device=device, precision=precision, micro_batch=micro_batch)
+
+    def params(self, guidance_scale: float | None = None, num_steps: int | None = None, sampler: str | None = None,
+               eta: float | None = None) -> SamplingParams:
+        """Sampling parameters with the model's defaults filled in, validated."""
+        return SamplingParams.resolve(self.config.sampling, self.diffusion.num_timesteps, guidance_scale, num_steps, sampler, eta)
 
     def prepare_labels(
         self, labels: LabelLike | Sequence[LabelLike], instances: LabelLike | Sequence[LabelLike] | None = None
@@ -99,63 +100,6 @@ class SDMPipeline:
             inst = torch.from_numpy(inst_arr)
         return label_input(torch.from_numpy(classes), m, inst, data.edges_from_labels)
 
-    def _check_params(self, guidance_scale: float, num_steps: int, sampler: str, num_samples: int, eta: float) -> None:
-        if not isinstance(guidance_scale, (int, float)) or math.isnan(guidance_scale) or guidance_scale < 0:
-            raise InvalidInputError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}")
-        if not isinstance(num_steps, int) or not 1 <= num_steps <= self.diffusion.num_timesteps:
-            raise InvalidInputError(f"num_steps must be an integer in [1, {self.diffusion.num_timesteps}], got {num_steps!r}")
-        if sampler not in SAMPLERS:
-            raise InvalidInputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise InvalidInputError(f"num_samples must be an integer >= 1, got {num_samples!r}")
-        if math.isnan(eta) or eta < 0:
-            raise InvalidInputError(f"eta must be >= 0, got {eta!r}")
-
-    def _defaults(
-        self, guidance_scale: float | None, num_steps: int | None, sampler: str | None, eta: float | None, num_samples: int
-    ) -> tuple[float, int, str, float]:
-        """Fill unset sampling settings from the config's defaults and validate them all."""
-        s = self.config.sampling
-        guidance_scale = s.guidance_scale if guidance_scale is None else guidance_scale
-        num_steps = s.steps if num_steps is None else num_steps
-        sampler = s.sampler if sampler is None else sampler
-        eta = s.eta if eta is None else eta
-        self._check_params(guidance_scale, num_steps, sampler, num_samples, eta)
-        return guidance_scale, num_steps, sampler, eta
-
-    @torch.no_grad()
-    def sample_tensor(
-        self,
-        label: torch.Tensor,
-        seeds: Sequence[int],
-        guidance_scale: float | Sequence[float],
-        num_steps: int,
-        sampler: str,
-        eta: float = 0.0,
-        known: Known | None = None,
-        progress: Callable[[int, int], None] | None = None,
-    ) -> torch.Tensor:
-        """One batched sampling run over prepared label inputs; returns [B, 3, H, W] in [-1, 1].
-
-        `guidance_scale` is one scale for all rows or one per row.
-        """
-        label = label.to(self.device)
-        noise = NoiseSource(list(seeds), (3, *label.shape[-2:]), self.device)
-        scales = [float(guidance_scale)] if isinstance(guidance_scale, (int, float)) else [float(g) for g in guidance_scale]
-        scale = scales[0] if len(set(scales)) == 1 else torch.tensor(scales, device=self.device)
-        if known is not None:
-            known = Known(known.x0.to(self.device), known.mask.to(self.device))
-        return sample(
-            lambda d: make_denoiser(self.net, d, label, scale, self.dtype),
-            self.diffusion,
-            sampler,
-            num_steps,
-            noise,
-            eta=eta,
-            known=known,
-            progress=progress,
-        )
-
     def __call__(
         self,
         labels: LabelLike | Sequence[LabelLike],
@@ -166,26 +110,17 @@ class SDMPipeline:
         seed: int | Sequence[int] = 0,
         num_samples: int = 1,
         eta: float | None = None,
-        batch_size: int = 16,
-        progress: Callable[[int, int], None] | None = None,
+        progress: Progress | None = None,
     ) -> np.ndarray:
         """Sample `num_samples` images per label map; returns uint8 [B * num_samples, H, W, 3].
 
-        Output row b * num_samples + k is sample k of label map b, seeded by derive_seed(seed, row)
-        (or by seed[row] when a list of seeds is given), so it does not depend on the batch it ran in.
+        Output row r = b * num_samples + k is sample k of label map b, seeded by derive_seed(seed, r) (or by
+        seed[r] when a list of seeds is given), so it does not depend on the batch it ran in.
         """
-        guidance_scale, num_steps, sampler, eta = self._defaults(guidance_scale, num_steps, sampler, eta, num_samples)
+        params = self.params(guidance_scale, num_steps, sampler, eta)
+        _check_count(num_samples)
         label = self.prepare_labels(labels, instances).repeat_interleave(num_samples, dim=0)
-        seeds = _row_seeds(seed, label.shape[0])
-        n = label.shape[0]
-        chunks = []
-        for start in range(0, n, batch_size):
-            x = self.sample_tensor(
-                label[start : start + batch_size], seeds[start : start + batch_size], guidance_scale, num_steps, sampler, eta,
-                progress=progress,
-            )
-            chunks.append(to_uint8(x))
-        return np.concatenate(chunks)
+        return self.runner(label, _row_seeds(seed, label.shape[0]), params, progress=progress)
 
     def edit(
         self,
@@ -206,15 +141,17 @@ class SDMPipeline:
         image is kept at every denoising step by replacing it with the forward-noised image (Known).
         Rows are seeded as in __call__.
         """
-        guidance_scale, num_steps, sampler, eta = self._defaults(guidance_scale, num_steps, sampler, eta, num_samples)
+        params = self.params(guidance_scale, num_steps, sampler, eta)
+        _check_count(num_samples)
         label = self.prepare_labels(labels, instances)
         known = known_from_image(image, mask, tuple(label.shape[-2:]))
-        seeds = _row_seeds(seed, num_samples)
         known = Known(known.x0.expand(num_samples, -1, -1, -1), known.mask.expand(num_samples, -1, -1, -1))
-        x = self.sample_tensor(
-            label.expand(num_samples, -1, -1, -1), seeds, guidance_scale, num_steps, sampler, eta, known=known
-        )
-        return to_uint8(x)
+        return self.runner(label.expand(num_samples, -1, -1, -1), _row_seeds(seed, num_samples), params, known=known)
+
+
+def _check_count(num_samples: Any) -> None:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise InvalidInputError(f"num_samples must be an integer >= 1, got {num_samples!r}")
 
 
 def known_from_image(image: np.ndarray, mask: np.ndarray, size: tuple[int, int]) -> Known:
@@ -236,9 +173,4 @@ def _row_seeds(seed: int | Sequence[int], n: int) -> list[int]:
         if len(seed) != n:
             raise InvalidInputError(f"got {len(seed)} seeds for {n} output images")
         return [int(x) for x in seed]
-    return [derive_seed(seed, i) for i in range(n)]
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3]."""
-    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return sample_seeds(seed, n)

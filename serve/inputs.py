@@ -6,7 +6,6 @@ import base64
 import binascii
 import io
 import json
-import math
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +20,7 @@ from sdm.config import DataConfig, SamplingConfig
 from sdm.errors import InvalidInputError
 from sdm.labels import colors_to_ids, default_palette, raw_to_classes
 from sdm.samplers import SAMPLERS
+from sdm.sampling import check_guidance
 from serve.errors import ApiError
 
 ID_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L")
@@ -280,8 +280,10 @@ def _number(name: str, value: Any) -> float:
 
 def _guidance(value: Any) -> float:
     g = _number("guidance_scale", value)
-    if not math.isfinite(g) or g < 0:
-        raise ApiError(400, "invalid_parameter", f"guidance_scale must be a finite number >= 0, got {value!r}")
+    try:
+        check_guidance(g)
+    except InvalidInputError as e:
+        raise ApiError(400, "invalid_parameter", str(e)) from None
     return g
 
 

@@ -11,8 +11,9 @@ import torch
 from ray import serve
 
 from sdm.errors import SDMError
-from sdm.pipeline import SDMPipeline, derive_seed, known_from_image, to_uint8
+from sdm.pipeline import SDMPipeline, known_from_image
 from sdm.samplers import Known
+from sdm.sampling import SamplingParams, sample_seeds
 from serve.inputs import Job
 from serve.metrics import ModelMetrics
 
@@ -39,10 +40,9 @@ class _Pending:
     enqueued: float
 
 
-def _group_key(job: Job) -> tuple[str, str, int, bool]:
-    """Requests sharing a key run in one sampling call. Edits draw extra noise, so they never mix with
-    generations; a scale of exactly 1 skips the null branch, so it runs apart too."""
-    return job.kind, job.sampler, job.steps, job.guidance_scale == 1.0
+def _group_key(job: Job) -> tuple[str, str, int]:
+    """Requests sharing a key run in one call of the runner (which keeps unguided rows apart itself)."""
+    return job.kind, job.sampler, job.steps
 
 
 class SDMModel:
@@ -67,10 +67,12 @@ class SDMModel:
         self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     def _probe(self) -> None:
-        """One denoising step on the null label; raises when the model cannot run."""
-        m = self.pipe.config.model
-        x = self.pipe.sample_tensor(torch.zeros(1, m.label_channels, *m.image_size), [0], 1.0, 1, "ddim")
-        if not torch.isfinite(x).all():
+        """One network evaluation on the null label, in the serving precision; raises when the model cannot run."""
+        m, dev, dtype = self.pipe.config.model, self.pipe.device, self.pipe.dtype
+        with torch.no_grad(), torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = self.pipe.net(torch.zeros(1, 3, *m.image_size, device=dev), torch.zeros(1, device=dev),
+                                torch.zeros(1, m.label_channels, *m.image_size, device=dev))
+        if not torch.isfinite(out).all():
             raise RuntimeError("the model's output is not finite")
 
     async def check_health(self) -> None:
@@ -93,14 +95,14 @@ class SDMModel:
         if job.kind == "edit":
             k = known_from_image(job.image, job.mask, tuple(label.shape[-2:]))
             known = Known(k.x0.expand(n, -1, -1, -1), k.mask.expand(n, -1, -1, -1))
-        seeds = [derive_seed(job.seed, i) for i in range(n)]
+        seeds = sample_seeds(job.seed, n)
         return _Pending(job, label.expand(n, -1, -1, -1), known, seeds, time.monotonic())
 
     @serve.batch
     async def _batched(self, items: list[_Pending]) -> list[Output | Exception]:
         start = time.monotonic()
         results: list[Output | Exception | None] = [None] * len(items)
-        groups: dict[tuple[str, str, int, bool], list[int]] = {}
+        groups: dict[tuple[str, str, int], list[int]] = {}
         for i, p in enumerate(items):
             wait = start - p.enqueued
             self.metrics.queue_wait.observe(wait)
@@ -135,13 +137,11 @@ class SDMModel:
         known = None
         if group[0].known is not None:
             known = Known(torch.cat([p.known.x0 for p in group]), torch.cat([p.known.mask for p in group]))
-        x = self.pipe.sample_tensor(
+        params = SamplingParams(job.guidance_scale, job.steps, job.sampler, self.pipe.config.sampling.eta)
+        return self.pipe.runner(
             torch.cat([p.label for p in group]),
             [s for p in group for s in p.seeds],
-            [p.job.guidance_scale for p in group for _ in p.seeds],
-            job.steps,
-            job.sampler,
-            eta=self.pipe.config.sampling.eta,
+            params,
+            guidance=[p.job.guidance_scale for p in group for _ in p.seeds],
             known=known,
         )
-        return to_uint8(x)

@@ -45,11 +45,10 @@ def test_cuda_fp32_agrees_with_cpu_for_the_same_seed(random_tiny_net, tiny_cfg):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_same_seed_same_images_whatever_the_batch_on_cuda(random_tiny_net, tiny_cfg, precision):
-    pipe = SDMPipeline(random_tiny_net, tiny_cfg, device="cuda", precision=precision)
-    together = pipe(_labels(), num_steps=4, num_samples=2, seed=7, batch_size=6)
-    apart = pipe(_labels(), num_steps=4, num_samples=2, seed=7, batch_size=1)
+    together = SDMPipeline(random_tiny_net, tiny_cfg, "cuda", precision, micro_batch=6)(_labels(), num_steps=4, num_samples=2, seed=7)
+    apart = SDMPipeline(random_tiny_net, tiny_cfg, "cuda", precision, micro_batch=1)(_labels(), num_steps=4, num_samples=2, seed=7)
     mean, tail = _pixel_gap(together, apart)
-    print(f"{precision}: batch 6 vs batch 1: identical={np.array_equal(together, apart)} mean gap {mean:.4f}, tail {tail:.5f}")
+    print(f"{precision}: micro-batch 6 vs 1: identical={np.array_equal(together, apart)} mean gap {mean:.4f}, tail {tail:.5f}")
     assert mean < 0.5 and tail < 0.002
 
 

@@ -22,7 +22,7 @@ from sdm.checkpoint import model_id
 from sdm.data.card import CARD_FILE, read_card, write_card
 from sdm.data.shards import decode_row, encode_png, iter_rows
 from sdm.data.toy import render_toy_sample, write_toy_dataset
-from sdm.generate import REJECTS_FILE, GenerationOutput, GenerationSettings, sample_images, sample_seed
+from sdm.generate import REJECTS_FILE, GenerationOutput, call_seed
 from sdm.pipeline import SDMPipeline
 from sdm.testing import save_random_model
 
@@ -74,11 +74,13 @@ def _rows(uri: str) -> dict[str, dict]:
     return by_key
 
 
-def _reference(model: str, label: np.ndarray, instance: np.ndarray | None, key: str, k: int) -> bytes:
-    """Sample (key, k) alone in the bare pipeline, as PNG bytes."""
-    settings = GenerationSettings(model_id(model), "ddim", STEPS, 1.5, 7, micro_batch=4)
-    image = sample_images(SDMPipeline.from_pretrained(model), [label], [instance], [sample_seed(7, key, k)], settings)[0]
-    return encode_png(image)
+def _reference(model: str, label: np.ndarray, instance: np.ndarray | None, row: dict) -> bytes:
+    """Sample (key, k) alone through the pipeline from the row's recorded seed and index, as PNG bytes."""
+    pipe = SDMPipeline.from_pretrained(model, micro_batch=4)
+    k = row["sample_index"]
+    images = pipe(label, instances=instance, guidance_scale=row["guidance"], num_steps=row["steps"], sampler=row["sampler"],
+                  seed=row["seed"], num_samples=k + 1)
+    return encode_png(images[k])
 
 
 def test_every_key_k_once_with_metadata_and_byte_identical_across_concurrency_and_batch_size(
@@ -101,7 +103,7 @@ def test_every_key_k_once_with_metadata_and_byte_identical_across_concurrency_an
     for key, row in rows_a.items():
         src = sources[row["source_key"]]
         assert key == f"{row['source_key']}_{row['sample_index']}" and row["split"] == src["split"]
-        assert row["seed"] == sample_seed(7, row["source_key"], row["sample_index"])
+        assert row["seed"] == call_seed(7, row["source_key"])
         assert (row["model_id"], row["sampler"], row["steps"], row["guidance"]) == (mid, "ddim", STEPS, 1.5)
         got = decode_row(row)
         assert got["image"].shape == (32, 32, 3) and got["image"].dtype == np.uint8
@@ -112,7 +114,7 @@ def test_every_key_k_once_with_metadata_and_byte_identical_across_concurrency_an
     assert np.abs(images[0] - images[1]).mean() > 1  # samples differ from each other
 
     first = sources["toy-000000"]
-    assert rows_a["toy-000000_1"]["image"] == _reference(random_model, first["label"], first["instance"], "toy-000000", 1)
+    assert rows_a["toy-000000_1"]["image"] == _reference(random_model, first["label"], first["instance"], rows_a["toy-000000_1"])
 
     card = read_card(a)
     assert card.name == "toy-generated" and card.num_classes == 6 and card.has_instance

@@ -16,7 +16,8 @@ import pytest
 import requests
 import torch
 
-from sdm.pipeline import SDMPipeline, derive_seed
+from sdm.pipeline import SDMPipeline
+from sdm.sampling import derive_seed
 from serve_helpers import PALETTE, deploy, label_map, png, random_tiny_model, read_png, serve_cluster
 
 pytestmark = pytest.mark.ray
@@ -56,7 +57,7 @@ def test_model_route_reports_classes_palette_and_defaults(url):
     assert info["num_classes"] == 6 and info["class_names"][:2] == ["sky", "tree"]
     assert info["palette"][0] == list(PALETTE[0])
     assert info["defaults"] == {"guidance_scale": 1.5, "steps": 25, "sampler": "ddim"}
-    assert set(info["samplers"]) == {"ddpm", "ddim", "dpm++"}
+    assert set(info["samplers"]) == {"ddpm", "ddim", "dpm++", "dpm++sde"}
 
 
 def test_healthz_and_painting_page(url):
@@ -278,3 +279,45 @@ def test_overload_gets_503_json_not_a_crash(cluster, model_dir, url):
         from ray import serve
 
         serve.delete("tight")
+
+
+@pytest.mark.parametrize("precision", ["auto", "fp32"])
+def test_every_door_draws_the_same_bytes(cluster, url, model_dir, tmp_path, precision):
+    """One label map and seed give byte-identical PNGs through the generation job, the pipeline, `sdm sample` and
+    POST /v1/generate; every sample the job records is reproduced from its recorded seed and index."""
+    from jobs.generate import main as generate_job
+    from sdm.cli import main as sdm_cli
+    from sdm.data.shards import iter_rows
+
+    base = url if precision == "auto" else deploy(
+        {"model_uri": model_dir, "num_cpus": 0.25, "precision": precision}, "doors", "/doors", cluster.http)
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for i in range(3):
+        (labels / f"map{i}.png").write_bytes(png(label_map(seed=20 + i)))
+    out = str(tmp_path / "generated")
+    assert generate_job(["--model", model_dir, "--labels", str(labels), "--out", out, "--samples-per-label", "2",
+                         "--steps", str(STEPS), "--sampler", "dpm++sde", "--guidance", "2.0", "--seed", "5",
+                         "--precision", precision, "--batch-size", "4", "--cpus-per-worker", "0.25"]) == 0
+    pipe = SDMPipeline.from_pretrained(model_dir, device="cpu", precision=precision)
+    rows = sorted(iter_rows(out), key=lambda r: r["key"])
+    assert len(rows) == 6
+    for row in rows[:3]:
+        k, seed = row["sample_index"], row["seed"]
+        label_png = (labels / f"{row['source_key']}.png").read_bytes()
+        params = {"steps": STEPS, "sampler": "dpm++sde", "guidance_scale": 2.0, "seed": seed, "num_samples": k + 1}
+        direct = pipe(read_png(label_png), num_steps=STEPS, sampler="dpm++sde", guidance_scale=2.0, seed=seed, num_samples=k + 1)
+        served = requests.post(f"{base}/v1/generate", json={"label": base64.b64encode(label_png).decode(), **params}, timeout=120)
+        assert served.status_code == 200, served.text
+        cli_out = tmp_path / f"cli-{row['key']}"
+        assert sdm_cli(["sample", "--model", model_dir, "--labels", str(labels / f"{row['source_key']}.png"), "--out", str(cli_out),
+                        "--steps", str(STEPS), "--sampler", "dpm++sde", "--guidance", "2.0", "--seed", str(seed),
+                        "--num-samples", str(k + 1), "--precision", precision, "--device", "cpu"]) == 0
+        job_image = read_png(row["image"])
+        assert np.array_equal(direct[k], job_image)
+        assert np.array_equal(read_png(base64.b64decode(served.json()["images"][k])), job_image)
+        assert np.array_equal(read_png((cli_out / f"{row['source_key']}_{k}.png").read_bytes()), job_image)
+    if precision != "auto":
+        from ray import serve
+
+        serve.delete("doors")
