@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import yaml
 
-from sdm.errors import ConfigError
+from sdm.errors import ConfigError, InvalidInputError
 
 Conditioning = Literal["spade", "concat"]
 Schedule = Literal["linear", "cosine"]
@@ -109,12 +109,25 @@ class DataConfig:
 
 @dataclass
 class SamplingConfig:
-    """Defaults for generation; every call may override them."""
+    """Defaults for generation; every call may override them.
+
+    DDIM with eta = 1 is ancestral sampling with the posterior variance on respaced steps: its fresh noise keeps
+    the grain that deterministic samplers (eta = 0, DPM-Solver++) build up from the model's misses at low noise
+    out of the images. Chosen with bench/sampler_quality.py (docs/evaluation.md).
+    """
 
     guidance_scale: float = 1.5
     sampler: str = "ddim"
     steps: int = 50
-    eta: float = 0.0
+    eta: float = 1.0
+
+    def validate(self, num_timesteps: int) -> None:
+        from sdm.sampling import SamplingParams  # sdm.sampling builds on this module
+
+        try:
+            SamplingParams.resolve(self, num_timesteps)
+        except InvalidInputError as e:
+            raise ConfigError(f"sampling: {e}") from None
 
 
 @dataclass
@@ -144,6 +157,7 @@ class SDMConfig:
     def validate(self) -> "SDMConfig":
         self.model.validate()
         self.diffusion.validate()
+        self.sampling.validate(self.diffusion.steps)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -287,7 +301,7 @@ _PRESETS: dict[str, SDMConfig] = {
         ),
         diffusion=DiffusionConfig(steps=1000, schedule="linear"),
         data=DataConfig(dataset="toy"),
-        sampling=SamplingConfig(guidance_scale=1.5, sampler="ddim", steps=25),
+        sampling=SamplingConfig(guidance_scale=1.5, sampler="ddim", eta=1.0, steps=25),
         train=TrainConfig(lr=1e-3, finetune_lr=3e-4, batch_size=16, ema_decay=0.995),
     ),
 }
