@@ -10,7 +10,7 @@ from sdm.config import get_preset
 from sdm.diffusion import GaussianDiffusion, ModelPrediction
 from sdm.labels import label_input
 from sdm.pipeline import SDMPipeline
-from sdm.samplers import DDIM, NoiseSource, DPMSolverPP2M, guided_output, make_denoiser, sample
+from sdm.samplers import DDIM, DPMSolverPP2M, Known, NoiseSource, guided_output, make_denoiser, sample
 from sdm.training import train_local
 
 
@@ -188,3 +188,26 @@ def test_dpm_solver_2m_second_step_matches_its_closed_form(sde):
     torch.testing.assert_close(x2, want2.float(), rtol=1e-5, atol=1e-5)
     # A fresh run forgets the history: its first step is first order again.
     torch.testing.assert_close(solver.fresh().step(d, 7, x, x0_a, None, _FixedNoise(z)), x1)
+
+
+@pytest.mark.parametrize("method", ["ddpm", "ddim", "dpm++sde"])
+def test_known_region_is_noised_to_the_step_the_model_sees_next(method):
+    """Editing keeps the known region at the noise level of the step moved to: with everything known and a zero
+    image, the model's input at each step must be pure noise of exactly that step's level."""
+    d = GaussianDiffusion.from_config(get_preset("tiny").diffusion, True)
+    x0 = torch.zeros(1, 3, 64, 64)
+    seen = []
+
+    def recorder_for(dd):
+        def denoise(x, t):
+            i = int(t[0])
+            seen.append((float(x.std()), float(np.sqrt(1 - dd.alphas_cumprod[i]))))
+            return ModelPrediction(torch.zeros_like(x), torch.zeros_like(x))
+
+        return denoise
+
+    known = Known(x0, torch.ones(1, 1, 64, 64))
+    out = sample(recorder_for, d, method, 10, NoiseSource([3], (3, 64, 64), torch.device("cpu")), eta=1.0, known=known)
+    assert len(seen) == 10 and torch.equal(out, x0)
+    for std, level in seen:
+        assert std == pytest.approx(level, rel=0.03)

@@ -102,3 +102,18 @@ def test_instance_edges_mark_both_sides_of_a_boundary():
     e = instance_edges(inst)[0]
     assert e[:, 1].tolist() == [1, 1, 1, 1] and e[:, 2].tolist() == [1, 1, 1, 1]
     assert e[:, 0].sum() == 0 and e[:, 3].sum() == 0
+
+
+def test_spade_modulates_the_normalised_features_around_identity():
+    """x * (1 + gamma) + beta: zero gamma and beta leave the normalised features as they are."""
+    spade = SPADE(16, 7, 8, 4)
+    x, label = torch.randn(2, 16, 8, 8), torch.rand(2, 7, 8, 8)
+    with torch.no_grad():
+        for conv in (spade.mlp_gamma, spade.mlp_beta):
+            conv.weight.zero_()
+            conv.bias.zero_()
+        normed = spade.norm(x)
+        torch.testing.assert_close(spade(x, label), normed)
+        spade.mlp_gamma.bias.fill_(1.0)
+        spade.mlp_beta.bias.fill_(0.5)
+        torch.testing.assert_close(spade(x, label), 2 * normed + 0.5)
