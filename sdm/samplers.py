@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from sdm.diffusion import GaussianDiffusion, ModelPrediction, spaced_steps
+from sdm.labels import null_label
 
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], ModelPrediction]
@@ -39,7 +40,7 @@ def guided_output(
     """
     if not isinstance(scale, torch.Tensor) and scale == 1.0:
         return net(x, t, label)
-    null = torch.zeros_like(label)
+    null = null_label(label)
     if batched:
         out = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([label, null]))
         cond, uncond = out.chunk(2)
