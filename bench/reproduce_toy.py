@@ -1,4 +1,4 @@
-"""A miniature of the paper's Table 4 on the toy dataset, plus guidance and sampler sweeps.
+"""A miniature of the paper's Table 4 on the toy dataset, plus a guidance sweep (samplers: bench/sampler_quality.py).
 
     python bench/reproduce_toy.py                  # about 30-40 minutes on 2 CPU cores
     python bench/reproduce_toy.py --quick          # a smoke run of a minute or two; its numbers mean nothing
@@ -7,7 +7,8 @@ The SDM network (SPADE) and the `concat` baseline are pretrained and then fine-t
 identical budgets (steps, batch, learning rates, seed). Validation label maps are sampled with and without
 classifier-free guidance and scored with the built-in segmenter, trained on the real training split:
 mIoU, a Frechet distance in the segmenter's feature space (Inception weights are absent here, so this is
-not FID), and the mean pairwise pixel L1 between the samples of one label map (diversity; not LPIPS).
+not FID), the texture ratio to the real images (grain or blur) and the low-pass pixel L1 between the samples of
+one label map (diversity that grain does not inflate; not LPIPS).
 Everything lands under --out (git-ignored runs/ by default); rerunning reuses the data, segmenter and models.
 """
 
@@ -17,26 +18,26 @@ import argparse
 import json
 import sys
 import time
-from itertools import islice
 
 import numpy as np
 import torch
 
 from sdm import storage
 from sdm.checkpoint import save_model
-from sdm.config import SDMConfig, get_preset
+from sdm.config import get_preset
 from sdm.data.card import CARD_FILE
 from sdm.data.shards import iter_samples
 from sdm.data.toy import write_toy_dataset
-from sdm.metrics.diversity import PixelL1Distance, mean_pairwise_distance
+from sdm.metrics.diversity import LowPassL1Distance, mean_pairwise_distance
 from sdm.metrics.frechet import FeatureStats, feature_stats, frechet_distance
 from sdm.metrics.plots import Panel, bar_panels_png
+from sdm.metrics.spectrum import SpectrumFeatures, spectral_fidelity
 from sdm.metrics.segmenter import Segmenter, is_builtin, load_builtin, segment_scores, train_segmenter
 from sdm.pipeline import SDMPipeline
 from sdm.training import local_batches, train_local
 from sdm.unet import SDMUNet
 
-COLUMNS = ("mIoU", "segmenter-feature FD", "pairwise pixel L1")
+COLUMNS = ("mIoU", "segmenter-feature FD", "texture / real", "low-pass pixel L1")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,14 +52,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=1.5, help="the guided rows of Table 4")
     p.add_argument("--val-maps", type=int, default=64, help="validation label maps per row")
     p.add_argument("--k", type=int, default=4, help="samples per label map")
-    p.add_argument("--sampler-maps", type=int, default=12, help="label maps (x2 samples) in the sampler sweep")
-    p.add_argument("--ddpm-steps", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.quick:
         args.out = args.out if args.out != "runs/reproduce_toy" else "runs/reproduce_toy_quick"
         args.samples, args.pretrain_steps, args.finetune_steps = 128, 20, 10
-        args.val_maps, args.k, args.sampler_maps, args.ddpm_steps = 8, 2, 2, 100
+        args.val_maps, args.k = 8, 2
     return args
 
 
@@ -71,7 +70,7 @@ def train_model(structure: str, data: str, out: str, args: argparse.Namespace) -
     cfg = get_preset("tiny").with_overrides([f"model.conditioning={structure}"])
     if storage.exists(storage.join(out, "config.json")):
         log(f"{structure}: reusing {out}")
-        return SDMPipeline.from_pretrained(out)
+        return SDMPipeline.from_pretrained(out, micro_batch=64)
     start = time.perf_counter()
 
     def progress(stage: str, total: int):
@@ -87,15 +86,15 @@ def train_model(structure: str, data: str, out: str, args: argparse.Namespace) -
     model = SDMUNet(cfg.model)
     model.load_state_dict(ema.module.state_dict())
     save_model(out, model, cfg, metadata={"origin": f"bench/reproduce_toy {structure}"})
-    return SDMPipeline(model.eval(), cfg)
+    return SDMPipeline(model.eval(), cfg, micro_batch=64)
 
 
 def score(pipe: SDMPipeline, maps: list[dict], k: int, guidance: float, sampler: str, steps: int, seg: Segmenter,
-          real: FeatureStats, num_classes: int, seed: int) -> dict:
+          real: FeatureStats, real_spectrum: np.ndarray, num_classes: int, seed: int) -> dict:
     """Sample k images per label map and score them (same seeds for every row)."""
     start = time.perf_counter()
     images = pipe([m["label"] for m in maps], instances=[m["instance"] for m in maps], guidance_scale=guidance,
-                  num_steps=steps, sampler=sampler, seed=seed, num_samples=k, batch_size=64)
+                  num_steps=steps, sampler=sampler, seed=seed, num_samples=k)
     seconds = time.perf_counter() - start
     labels = np.repeat(np.stack([m["label"] for m in maps]), k, axis=0)
     groups = {m["key"]: images[i * k : (i + 1) * k] for i, m in enumerate(maps)}
@@ -103,7 +102,8 @@ def score(pipe: SDMPipeline, maps: list[dict], k: int, guidance: float, sampler:
     return {
         "mIoU": cm.miou(),
         "segmenter-feature FD": frechet_distance(feature_stats(seg.features(images)), real),
-        "pairwise pixel L1": mean_pairwise_distance(groups, PixelL1Distance()).mean,
+        "texture / real": spectral_fidelity(real_spectrum, SpectrumFeatures()(images).mean(0)).texture_ratio,
+        "low-pass pixel L1": mean_pairwise_distance(groups, LowPassL1Distance()).mean,
         "per_class_iou": [None if np.isnan(v) else float(v) for v in cm.iou()],
         "images": len(images), "sampler": sampler, "steps": steps, "guidance": guidance, "sampling_seconds": seconds,
     }
@@ -130,17 +130,18 @@ def main(argv: list[str] | None = None) -> int:
     num_classes = 6
     real_cm = segment_scores(seg, real_images, real_labels, num_classes)
     real = feature_stats(seg.features(real_images))
+    real_spectrum = SpectrumFeatures()(real_images).mean(0)
     log(f"built-in segmenter on the {len(val)} real validation images: mIoU {real_cm.miou():.4f}")
 
     pipes = {s: train_model(s, data, storage.join(args.out, "models", s), args) for s in ("spade", "concat")}
     maps = val[: args.val_maps]
-    results: dict[str, list] = {"table4": [], "guidance_sweep": [], "sampler_sweep": []}
+    results: dict[str, list] = {"table4": [], "guidance_sweep": []}
 
     def run(section: str, name: str, structure: str, guidance: float, sampler: str, steps: int, n_maps: int, k: int) -> dict:
-        r = score(pipes[structure], maps[:n_maps], k, guidance, sampler, steps, seg, real, num_classes, args.seed)
+        r = score(pipes[structure], maps[:n_maps], k, guidance, sampler, steps, seg, real, real_spectrum, num_classes, args.seed)
         r.update(structure=structure, row=name)
         results[section].append(r)
-        log(f"{section}: {name}: mIoU {r['mIoU']:.4f} FD {r['segmenter-feature FD']:.4f} L1 {r['pairwise pixel L1']:.4f} ({r['sampling_seconds']:.0f}s)")
+        log(f"{section}: {name}: mIoU {r['mIoU']:.4f} FD {r['segmenter-feature FD']:.4f} texture/real {r['texture / real']:.2f} L1 {r['low-pass pixel L1']:.4f} ({r['sampling_seconds']:.0f}s)")
         return r
 
     default = get_preset("tiny").sampling
@@ -154,8 +155,6 @@ def main(argv: list[str] | None = None) -> int:
             results["guidance_sweep"].append({**done, "row": f"s={g:g}"})
         else:
             run("guidance_sweep", f"s={g:g}", "spade", g, default.sampler, default.steps, args.val_maps, args.k)
-    for sampler, steps in (("ddpm", args.ddpm_steps), ("ddim", 50), ("dpm++", 25)):
-        run("sampler_sweep", f"{sampler} {steps} steps, s={args.guidance:g}", "spade", args.guidance, sampler, steps, args.sampler_maps, 2)
 
     results["real_val_segmenter"] = {"mIoU": real_cm.miou(), "images": len(val),
                                      "per_class_iou": [float(v) for v in real_cm.iou()]}
@@ -166,17 +165,16 @@ def main(argv: list[str] | None = None) -> int:
         table(f"Table 4 (toy): {args.val_maps} val label maps x {args.k} samples, {default.sampler} {default.steps} steps",
               [(r["row"], r) for r in results["table4"]]),
         table(f"Guidance sweep, SDM (SPADE), {default.sampler} {default.steps} steps", [(r["row"], r) for r in results["guidance_sweep"]]),
-        table(f"Sampler sweep, SDM (SPADE), {args.sampler_maps} val label maps x 2 samples", [(r["row"], r) for r in results["sampler_sweep"]]),
     ])
     print("\n" + text)
     storage.write_bytes(storage.join(args.out, "results.json"), json.dumps(results, indent=1).encode())
     storage.write_bytes(storage.join(args.out, "results.txt"), (text + "\n").encode())
     panels = []
     for col in COLUMNS:
-        rows = results["table4"] + results["guidance_sweep"][2:] + results["sampler_sweep"]
+        rows = results["table4"] + results["guidance_sweep"][2:]
         panels.append(Panel(col, [r["row"].replace("SDM (SPADE)", "SDM") for r in rows], [r[col] for r in rows],
                             y_max=1.0 if col == "mIoU" else None,
-                            colours=[0] * len(results["table4"]) + [1] * (len(rows) - len(results["table4"]) - len(results["sampler_sweep"])) + [2] * len(results["sampler_sweep"])))
+                            colours=[0] * len(results["table4"]) + [1] * (len(rows) - len(results["table4"]))))
     storage.write_bytes(storage.join(args.out, "results.png"), bar_panels_png(panels, panel_width=480, height=360))
     print(f"\nwrote {storage.join(args.out, 'results.json')}, results.txt and results.png in {time.perf_counter() - start:.0f}s")
     return 0

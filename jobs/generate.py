@@ -286,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_REFUSED
     if not ray.is_initialized():
         init_ray(args.address)
+    ray.data.DataContext.get_current().enable_progress_bars = True  # the training job may have turned them off
     start = time.perf_counter()
     shards: list[ShardInfo] = []
     rejects: list[Reject] = []

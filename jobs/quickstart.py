@@ -38,7 +38,7 @@ def _contact_sheet(model_uri: str, data_uri: str, path: str, scales: tuple[float
     card = read_card(data_uri)
     val = list(islice(iter_samples(data_uri, split="val"), n))
     labels, instances = [s["label"] for s in val], [s["instance"] for s in val]
-    columns = [pipe(labels, instances=instances, guidance_scale=g, num_steps=25, seed=[0] * len(val)) for g in scales]
+    columns = [pipe(labels, instances=instances, guidance_scale=g, seed=[0] * len(val)) for g in scales]
     rows = [np.concatenate([colourise(s["label"], card.palette), s["image"], *(c[i] for c in columns)], axis=1) for i, s in enumerate(val)]
     sheet = np.concatenate(rows, axis=0)
     Image.fromarray(sheet).resize((sheet.shape[1] * 4, sheet.shape[0] * 4), Image.NEAREST).save(path)
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _banner(f"4/6 bulk generation on Ray Data: {args.samples_per_label} images per validation label map -> {gen}")
     if generate.main(["--model", ft, "--labels", data, "--split", "val", "--out", gen,
-                      "--samples-per-label", str(args.samples_per_label), "--steps", "25"]):
+                      "--samples-per-label", str(args.samples_per_label)]):
         return 1
 
     _banner(f"5/6 evaluation of the generated dataset against the real validation images -> {report}")
@@ -105,22 +105,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  samples:          {sheet}, {results['files']['contact_sheet']}")
     config_note = "" if ft == "runs/quickstart/finetune" else f"  (set model_uri: {ft} in the config)"
     print(f"  serve it:         serve run serve/config.yaml{config_note}")
-    print(f"  query it:         curl -s -o out.png -F label=@{label_png} -F steps=25 -F guidance_scale=1.5 -F seed=7 "
+    print(f"  query it:         curl -s -o out.png -F label=@{label_png} -F guidance_scale=1.5 -F seed=7 "
           "http://127.0.0.1:8000/v1/generate")
     return 0
 
 
 def _evaluate(data: str, gen: str, report: str, out: str) -> dict:
-    """The built-in segmenter's mIoU (also on the real images), its Frechet distance and the pixel diversity;
-    a report of this very generated dataset (same card checksum) is reused."""
+    """The built-in segmenter's mIoU (also on the real images), its Frechet distance, the spectrum against the
+    real images (grain and blur) and the diversity (LPIPS with its weights, else low-pass pixel L1);
+    a report of this very generated dataset (same card checksum) with these metrics is reused."""
+    metrics = ("miou", "segmenter-fd", "spectrum", "diversity")
     done = storage.join(report, "results.json")
     if storage.exists(done):
         results = json.loads(storage.read_bytes(done))
-        if results["generated"]["checksum"] == open_set(gen).checksum:
+        if results["generated"]["checksum"] == open_set(gen).checksum and results["settings"]["metrics"] == list(metrics):
             print("complete already; reusing it")
             return results
-    settings = EvalSettings(real=data, generated=gen, out=report, metrics=("miou", "segmenter-fd", "pixel-diversity"),
-                            segmenter_steps=200, cache_dir=storage.join(out, "cache"))
+    settings = EvalSettings(real=data, generated=gen, out=report, metrics=metrics, segmenter_steps=200,
+                            cache_dir=storage.join(out, "cache"))
     return evaluate(settings, log=lambda msg: print(msg, flush=True))
 
 

@@ -111,11 +111,12 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 
 def _ray_init_args(args: argparse.Namespace) -> dict:
     """Join the given cluster (or the job's, under `ray job submit`); else start a local one that leaves
-    a CPU for Ray Data beside the training workers."""
+    a CPU for Ray Data beside the training workers. With its dashboard: Ray Train's placement-group cleaner
+    polls the state API that the dashboard serves, and warned every second without it."""
     if args.address or os.environ.get("RAY_ADDRESS"):
         return {"address": args.address}
     needed = int(args.num_workers * args.cpus_per_worker) + 1
-    return {"address": "local", "num_cpus": max(os.cpu_count() or 1, needed), "include_dashboard": False}
+    return {"address": "local", "num_cpus": max(os.cpu_count() or 1, needed), "include_dashboard": True}
 
 
 def prepare(args: argparse.Namespace) -> tuple[SDMConfig, DatasetCard]:

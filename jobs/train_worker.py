@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -139,8 +140,16 @@ def _log_line(step: int, total: int, r: StepResult, lr: float, ips: float, elaps
     )
 
 
+def _quiet_report_log() -> None:
+    """Ray Train logs every report's full metrics at INFO from each worker; our step line says it once."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)  # that module names its logger by its file
+
+
 def train_worker(c: dict[str, Any]) -> None:
     """Ray Train entry point, run on every worker."""
+    _quiet_report_log()
     cfg = SDMConfig.from_dict(c["config"])
     a = c["args"]
     ctx = ray.train.get_context()

@@ -203,19 +203,20 @@ def _steps(i: int, like: torch.Tensor) -> torch.Tensor:
 def sample(
     denoise_for: Callable[[GaussianDiffusion], Denoiser],
     diffusion: GaussianDiffusion,
-    method: str,
+    method: str | Sampler,
     steps: int,
     noise: NoiseSource,
     eta: float = 0.0,
     known: Known | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """Run a sampler from pure noise to x_0 in [-1, 1]; `denoise_for` binds the model to the respaced process.
+    """Run a sampler (by name, or a Sampler object) from pure noise to x_0 in [-1, 1]; `denoise_for` binds the model
+    to the respaced process.
 
     Each step: the model's prediction, its x_0 clipped to [-1, 1], the sampler's update, then the known region
     replaced by the forward-noised image at the step moved to.
     """
-    sampler = make_sampler(method, eta).fresh()
+    sampler = (method if isinstance(method, Sampler) else make_sampler(method, eta)).fresh()
     d = diffusion.respaced(spaced_steps(diffusion.num_timesteps, steps))
     denoise = denoise_for(d)
     n = d.num_timesteps

@@ -22,7 +22,7 @@ def local_ray():
 
 
 def test_ray_passes_match_the_in_process_ones(eval_sets, tmp_path, local_ray):
-    common = ["--real", eval_sets["data"], "--metrics", "miou,segmenter-fd,pixel-diversity", "--batch-size", "16"]
+    common = ["--real", eval_sets["data"], "--metrics", "miou,segmenter-fd,spectrum,pixel-diversity", "--batch-size", "16"]
     # On Ray: a fresh cache (the segmenter is trained, both sets scored by an actor beside the readers), the generated set as an image folder.
     folder = tmp_path / "perfect-folder"
     for sub in ("images", "labels"):
@@ -41,3 +41,5 @@ def test_ray_passes_match_the_in_process_ones(eval_sets, tmp_path, local_ray):
     assert a["segmenter-fd"]["value"] == pytest.approx(b["segmenter-fd"]["value"], rel=1e-4)  # sums in another order
     assert a["segmenter-fd"]["generated_images"] == b["segmenter-fd"]["generated_images"] == 36
     assert a["diversity"]["value"] == pytest.approx(b["diversity"]["value"])
+    for key in ("spectrum_db", "high_frequency_ratio", "texture_generated", "texture_real"):
+        assert a["spectrum"][key] == pytest.approx(b["spectrum"][key], rel=1e-6)

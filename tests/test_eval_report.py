@@ -21,7 +21,7 @@ from sdm.testing import write_painted_generation
 
 K = 3  # the eval_sets fixture's samples per label map
 
-FAST = ["--segmenter-steps", "40", "--metrics", "miou,segmenter-fd,pixel-diversity"]
+FAST = ["--segmenter-steps", "40", "--metrics", "miou,segmenter-fd,spectrum,pixel-diversity"]
 
 
 def _eval(eval_sets: dict, generated: str, out: str, *extra: str) -> dict:
@@ -40,7 +40,8 @@ def test_perfect_generator_scores_like_real_images_and_noise_far_worse(eval_sets
     assert abs(m["miou"]["generated"] - m["miou"]["real"]) < 0.1  # perfect images: same distribution
     assert m["segmenter-fd"]["name"] == "Frechet distance in the built-in segmenter's features"
     assert (m["segmenter-fd"]["real_images"], m["segmenter-fd"]["generated_images"]) == (12, 12 * K)
-    assert m["diversity"]["name"] == "mean pairwise pixel L1" and m["diversity"]["pairs"] == 12 * K * (K - 1) // 2
+    assert m["diversity"]["name"] == "low-pass pixel L1 (4x4 blocks)" and m["diversity"]["pairs"] == 12 * K * (K - 1) // 2
+    assert m["spectrum"]["spectrum_db"] < 1.0 and 0.9 < m["spectrum"]["texture_ratio"] < 1.1  # painted like the real ones
     assert [r["class"] for r in m["miou"]["per_class"]] == ["sky", "grass", "water", "tree", "house", "ball"]
 
     bad = _eval(eval_sets, eval_sets["noise"], str(eval_sets["root"] / "r-noise"))
@@ -51,8 +52,9 @@ def test_perfect_generator_scores_like_real_images_and_noise_far_worse(eval_sets
     assert n["miou"]["real"] == m["miou"]["real"]
     assert n["miou"]["generated"] < m["miou"]["generated"] - 0.3
     assert n["segmenter-fd"]["value"] > 5 * m["segmenter-fd"]["value"]
-    assert n["diversity"]["value"] > 2 * m["diversity"]["value"]  # uniform noise differs more than toy paintings
+    assert n["spectrum"]["texture_ratio"] > 3 and n["spectrum"]["high_frequency_ratio"] > 3  # noise is all grain
     assert "mIoU (built-in segmenter" in second.out and "report:" in second.out
+    assert "spectrum distance (dB)" in second.out and "(real images: " in second.out
 
 
 def test_report_files(eval_sets):
@@ -64,7 +66,8 @@ def test_report_files(eval_sets):
     assert sheet.size == ((2 + K) * 128, 6 * 128)  # label | real | K samples, 6 label maps, 32 px cells x4
     Image.open(os.path.join(out, "per_class_iou.png")).verify()
     res = json.load(open(os.path.join(out, "results.json")))
-    assert res["settings"]["metrics"] == ["miou", "segmenter-fd", "pixel-diversity"]
+    assert res["settings"]["metrics"] == ["miou", "segmenter-fd", "spectrum", "pixel-diversity"]
+    assert "| high-frequency power, generated / real |" in md
     assert res["generated"]["uri"] == eval_sets["perfect"] and res["real"]["split"] == "val"
 
 
@@ -81,10 +84,16 @@ def test_image_folders_score_the_same_as_shards(eval_sets):
 
 def test_fid_without_weights_is_refused_and_says_where_to_put_them(eval_sets, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    rc = main(["eval", "--real", eval_sets["data"], "--generated", eval_sets["perfect"], "--out", str(tmp_path / "r"), "--cache-dir", eval_sets["cache"]])
-    assert rc == 2
-    err = capsys.readouterr().err
+    args = ["eval", "--real", eval_sets["data"], "--generated", eval_sets["perfect"], "--out", str(tmp_path / "r"), "--cache-dir", eval_sets["cache"]]
     hub = f"{tmp_path}/torch/hub/checkpoints"
+    # The defaults: FID needs its weights; diversity falls back to the low-pass pixel L1 and says so.
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"put {FID_INCEPTION_FILE} at {hub}/{FID_INCEPTION_FILE}" in err and ALEXNET_FILE not in err
+    assert "diversity: no AlexNet weights for LPIPS, so low-pass pixel L1 (4x4 blocks) (not LPIPS)" in err
+    # LPIPS asked for by name: every missing file in one error.
+    assert main([*args, "--metrics", "fid,lpips"]) == 2
+    err = capsys.readouterr().err
     assert f"put {FID_INCEPTION_FILE} at {hub}/{FID_INCEPTION_FILE}" in err and f"put {ALEXNET_FILE} at {hub}/{ALEXNET_FILE}" in err
     assert not os.path.exists(tmp_path / "r" / "results.json")
 
@@ -98,3 +107,12 @@ def test_inception_weights_from_a_file_that_is_not_pytorch_fids(eval_sets, tmp_p
     fid = res["metrics"]["fid"]
     assert fid["name"].startswith("Frechet distance in Inception features (weights ") and "not pytorch-fid's" in fid["name"]
     assert (fid["real_images"], fid["generated_images"]) == (3, K) and fid["value"] > 0
+
+
+def test_one_diversity_metric_and_a_named_weights_file_must_exist(eval_sets, tmp_path, capsys):
+    args = ["eval", "--real", eval_sets["data"], "--generated", eval_sets["perfect"], "--out", str(tmp_path / "r"), "--cache-dir", eval_sets["cache"]]
+    assert main([*args, "--metrics", "lpips,diversity"]) == 2
+    assert "choose one diversity metric" in capsys.readouterr().err
+    assert main([*args, "--metrics", "diversity", "--alexnet-weights", str(tmp_path / "missing.pth")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "r" / "results.json")

@@ -1,0 +1,237 @@
+"""Quality against cost for every sampler: one model, one seed set, scored against the real images and against
+the 1000-step ancestral reference.
+
+    python bench/sampler_quality.py                                  # the quick start's model and data
+    python bench/sampler_quality.py --model runs/r1-ft --data data/toy --maps 64 --steps 10,25,50,100
+
+For each sampler at each step count (and the reference, `ddpm` at 1000 steps) it draws `--k` samples of each of
+`--maps` validation label maps with the same seeds, and prints: network evaluations per image, wall time, the
+texture (mean absolute difference of neighbouring pixels, real images alongside), the spectrum distance to the
+real images and to the reference, the built-in segmenter's mIoU and feature Frechet distance, and the low-pass
+pixel diversity. The cheapest setting within the tolerances is printed last (texture within --texture-tolerance
+of the real images', mIoU at most --miou-tolerance under the reference's): that is how the presets' default
+sampler is chosen (docs/evaluation.md). A contact sheet PNG shows one column per setting.
+
+Before the sweep it prints two diagnoses of why deterministic samplers draw grain: how much of the noise in x_t
+the model finds at each timestep, and the texture of DDIM switched between eta 1 and eta 0 at a timestep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from itertools import islice
+
+import numpy as np
+import torch
+
+from sdm import storage
+from sdm.data.card import read_card
+from sdm.data.shards import iter_samples
+from sdm.metrics.diversity import LowPassL1Distance, mean_pairwise_distance
+from sdm.metrics.evaluate import builtin_segmenter
+from sdm.metrics.frechet import feature_stats, frechet_distance
+from sdm.metrics.report import contact_sheet_png
+from sdm.metrics.segmenter import load_builtin, segment_scores
+from sdm.metrics.spectrum import SpectrumFeatures, spectral_fidelity
+from sdm.pipeline import SDMPipeline
+from sdm.samplers import DDIM, SAMPLERS, NoiseSource, make_denoiser, sample
+from sdm.sampling import sample_seeds, to_uint8
+
+REFERENCE = ("ddpm", 1000)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="runs/quickstart/finetune")
+    p.add_argument("--data", default="runs/quickstart/data", help="the real dataset (val split scored, train split for the segmenter)")
+    p.add_argument("--out", default="runs/sampler_quality")
+    p.add_argument("--samplers", default=",".join(SAMPLERS))
+    p.add_argument("--steps", default="10,25,50,100")
+    p.add_argument("--maps", type=int, default=32, help="validation label maps")
+    p.add_argument("--k", type=int, default=2, help="samples per label map")
+    p.add_argument("--guidance", type=float, help="default: the model's")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (ddim-eta1 rows use 1.0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--segmenter-steps", type=int, default=200)
+    p.add_argument("--cache-dir", default="runs/quickstart/cache")
+    p.add_argument("--texture-tolerance", type=float, default=0.15, help="|texture / real texture - 1| allowed")
+    p.add_argument("--miou-tolerance", type=float, default=0.01, help="mIoU below the reference's allowed")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    p.add_argument("--switch-steps", type=int, default=25, help="steps of the switched-DDIM diagnosis")
+    return p.parse_args(argv)
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+class Scorer:
+    """Everything measured on a set of generated images, against the real validation images."""
+
+    def __init__(self, real_images: np.ndarray, maps: list[dict], k: int, segmenter_uri: str, num_classes: int):
+        self.seg = load_builtin(segmenter_uri)
+        self.spectrum = SpectrumFeatures()
+        self.real_spectrum = self.spectrum(real_images).mean(0)
+        self.real_fd = feature_stats(self.seg.features(real_images))
+        self.labels = np.repeat(np.stack([m["label"] for m in maps]), k, axis=0)
+        self.keys = [m["key"] for m in maps]
+        self.k = k
+        self.num_classes = num_classes
+        self.real_miou = segment_scores(self.seg, real_images, np.stack([m["label"] for m in maps]), num_classes).miou()
+
+    def __call__(self, images: np.ndarray, reference: np.ndarray | None) -> dict:
+        spec = self.spectrum(images).mean(0)
+        fid = spectral_fidelity(self.real_spectrum, spec)
+        groups = {key: images[i * self.k : (i + 1) * self.k] for i, key in enumerate(self.keys)}
+        out = {
+            "texture": fid.texture_generated, "texture_ratio": fid.texture_ratio, "spectrum_db": fid.spectrum_db,
+            "hf_ratio": fid.high_frequency_ratio,
+            "miou": segment_scores(self.seg, images, self.labels, self.num_classes).miou(),
+            "segmenter_fd": frechet_distance(feature_stats(self.seg.features(images)), self.real_fd),
+            "diversity": mean_pairwise_distance(groups, LowPassL1Distance()).mean,
+        }
+        if reference is not None:
+            out["spectrum_db_vs_ref"] = spectral_fidelity(self.spectrum(reference).mean(0), spec).spectrum_db
+        return out
+
+
+@torch.no_grad()
+def noise_left_by_timestep(pipe: SDMPipeline, maps: list[dict], guidance: float, seed: int,
+                           timesteps: tuple[int, ...] = (0, 10, 25, 50, 100, 200, 400, 700, 999)) -> list[dict]:
+    """How much of the noise in x_t the guided model finds, on real images: the share of the true eps it predicts
+    (regression slope), and the noise its x_0 estimate keeps, in uint8 levels. A deterministic sampler carries
+    what the model misses at small t into the image; an ancestral one replaces it with fresh, smaller noise."""
+    x0 = torch.from_numpy(np.stack([m["image"] for m in maps])).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    label = pipe.prepare_labels([m["label"] for m in maps], [m["instance"] for m in maps])
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for t in timesteps:
+        eps = torch.randn(x0.shape, generator=g)
+        tt = torch.full((len(maps),), t, dtype=torch.long)
+        xt = pipe.diffusion.q_sample(x0, tt, eps)
+        denoise = make_denoiser(pipe.net, pipe.diffusion, label, guidance, pipe.dtype)
+        pred = denoise(xt, tt).eps
+        ab = pipe.diffusion.alphas_cumprod[t]
+        miss = (pred - eps).pow(2).mean().sqrt().item()
+        out.append({"t": t, "noise_level": float(np.sqrt(1 - ab) * 127.5), "found": float((pred * eps).sum() / eps.pow(2).sum()),
+                    "eps_rmse": miss, "x0_noise_levels": float(np.sqrt((1 - ab) / ab) * miss * 127.5)})
+    return out
+
+
+class SwitchedDDIM(DDIM):
+    """DDIM whose eta depends on the noise level: `above` at original timesteps >= `at`, `below` under it."""
+
+    def __init__(self, at: int, above: float, below: float):
+        super().__init__()
+        self.at, self.above, self.below = at, above, below
+
+    def step(self, d, i, x, x0, pred, noise):
+        self.eta = self.above if d.timesteps[i] >= self.at else self.below
+        return super().step(d, i, x, x0, pred, noise)
+
+
+@torch.no_grad()
+def texture_by_switch(pipe: SDMPipeline, maps: list[dict], guidance: float, steps: int, seed: int,
+                      switches: tuple[int, ...] = (800, 600, 400, 200, 100)) -> list[dict]:
+    """Where along the trajectory grain enters: texture when DDIM is stochastic (eta 1) above a timestep and
+    deterministic (eta 0) below it, and the other way round."""
+    label = pipe.prepare_labels([m["label"] for m in maps], [m["instance"] for m in maps])
+    seeds = sample_seeds(seed, len(maps))
+    spectrum = SpectrumFeatures()
+    out = []
+    for at in switches:
+        row = {"switch_t": at}
+        for name, above, below in (("stochastic_above", 1.0, 0.0), ("deterministic_above", 0.0, 1.0)):
+            x = sample(lambda d: make_denoiser(pipe.net, d, label, guidance, pipe.dtype), pipe.diffusion,
+                       SwitchedDDIM(at, above, below), steps, NoiseSource(seeds, (3, *label.shape[-2:]), pipe.device))
+            row[name] = float(spectrum(to_uint8(x))[:, -1].mean())
+        out.append(row)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    pipe = SDMPipeline.from_pretrained(args.model, precision=args.precision, micro_batch=64)
+    guidance = pipe.config.sampling.guidance_scale if args.guidance is None else args.guidance
+    card = read_card(args.data)
+    maps = list(islice(iter_samples(args.data, split="val"), args.maps))
+    real = np.stack([m["image"] for m in maps])
+    seg_uri = builtin_segmenter(args.data, args.segmenter_steps, args.cache_dir, log)
+    scorer = Scorer(real, maps, args.k, seg_uri, card.num_classes)
+    log(f"model {args.model}, {len(maps)} label maps x {args.k} samples, guidance {guidance:g}, precision {args.precision}; "
+        f"real images: texture {scorer.spectrum(real)[:, -1].mean():.2f}, segmenter mIoU {scorer.real_miou:.4f}")
+
+    log(f"\n{'t':>5}{'noise (levels)':>16}{'eps found':>11}{'eps RMSE':>10}{'noise left in x0 estimate (levels)':>36}")
+    diagnosis = noise_left_by_timestep(pipe, maps, guidance, args.seed)
+    for d in diagnosis:
+        log(f"{d['t']:>5}{d['noise_level']:>16.2f}{d['found']:>11.3f}{d['eps_rmse']:>10.3f}{d['x0_noise_levels']:>36.2f}")
+    log(f"\ntexture of DDIM {args.switch_steps} steps switched at timestep t (real images: {scorer.spectrum(real)[:, -1].mean():.2f})")
+    log(f"{'t':>5}{'eta 1 above t, 0 below':>26}{'eta 0 above t, 1 below':>26}")
+    switched = texture_by_switch(pipe, maps, guidance, args.switch_steps, args.seed)
+    for r in switched:
+        log(f"{r['switch_t']:>5}{r['stochastic_above']:>26.2f}{r['deterministic_above']:>26.2f}")
+    log("")
+
+    def draw(sampler: str, steps: int, eta: float) -> tuple[np.ndarray, float]:
+        t0 = time.perf_counter()
+        images = pipe([m["label"] for m in maps], instances=[m["instance"] for m in maps], guidance_scale=guidance,
+                      num_steps=steps, sampler=sampler, eta=eta, seed=args.seed, num_samples=args.k)
+        return images, time.perf_counter() - t0
+
+    settings = [(s, n, args.eta) for s in args.samplers.split(",") for n in (int(v) for v in args.steps.split(","))]
+    if "ddim" in args.samplers.split(","):
+        settings += [("ddim", n, 1.0) for n in (int(v) for v in args.steps.split(","))]
+    ref_images, ref_seconds = draw(*REFERENCE, 0.0)
+    rows = [{"setting": f"{REFERENCE[0]} {REFERENCE[1]} (reference)", "sampler": REFERENCE[0], "steps": REFERENCE[1],
+             "eta": 0.0, "seconds": ref_seconds, **scorer(ref_images, None)}]
+    sheet_columns = [ref_images]
+    log(_fmt_row(rows[0], guidance, len(ref_images)))
+    for sampler, steps, eta in settings:
+        images, seconds = draw(sampler, steps, eta)
+        name = f"{sampler}{f' eta {eta:g}' if sampler == 'ddim' else ''} {steps}"
+        rows.append({"setting": name, "sampler": sampler, "steps": steps, "eta": eta if sampler == "ddim" else None,
+                     "seconds": seconds, **scorer(images, ref_images)})
+        sheet_columns.append(images)
+        log(_fmt_row(rows[-1], guidance, len(images)))
+
+    ref = rows[0]
+    ok = [r for r in rows[1:] if abs(r["texture_ratio"] - 1) <= args.texture_tolerance and r["miou"] >= ref["miou"] - args.miou_tolerance]
+    choice = min(ok, key=lambda r: (r["steps"], r["seconds"])) if ok else None
+    print("\n" + _table(rows, guidance, len(ref_images)))
+    tol = f"texture within {args.texture_tolerance:.0%} of the real images', mIoU at most {args.miou_tolerance} below the reference's"
+    print(f"\ncheapest setting with {tol}: {choice['setting'] if choice else 'none'}")
+    storage.write_bytes(storage.join(args.out, "results.json"), json.dumps(
+        {"settings": vars(args), "guidance": guidance, "noise_left": diagnosis, "switched_ddim": switched, "rows": rows, "choice": choice and choice["setting"]}, indent=1).encode())
+    sheet_rows = [(maps[i]["label"], maps[i]["image"], np.stack([c[i * args.k] for c in sheet_columns])) for i in range(min(8, len(maps)))]
+    storage.write_bytes(storage.join(args.out, "contact_sheet.png"), contact_sheet_png(sheet_rows, card.palette, min_cell=64))
+    print(f"contact sheet (label | real | {' | '.join(r['setting'] for r in rows)}): {storage.join(args.out, 'contact_sheet.png')}")
+    print(f"done in {time.perf_counter() - start:.0f}s")
+    return 0
+
+
+def _nfe(r: dict, guidance: float) -> int:
+    """Network evaluations per image: one per step, two with guidance (one batched pass holds both)."""
+    return r["steps"] * (1 if guidance == 1.0 else 2)
+
+
+HEADER = (f"{'setting':<26}{'NFE/img':>8}{'ms/img':>8}{'texture':>9}{'tex/real':>9}{'spec dB':>8}{'HF x':>7}"
+          f"{'vs ref dB':>10}{'mIoU':>8}{'seg-FD':>8}{'diversity':>10}")
+
+
+def _fmt_row(r: dict, guidance: float, n: int) -> str:
+    vs_ref = f"{r['spectrum_db_vs_ref']:>10.2f}" if "spectrum_db_vs_ref" in r else f"{'-':>10}"
+    return (f"{r['setting']:<26}{_nfe(r, guidance):>8}{1000 * r['seconds'] / n:>8.1f}{r['texture']:>9.2f}{r['texture_ratio']:>9.2f}"
+            f"{r['spectrum_db']:>8.2f}{r['hf_ratio']:>7.2f}{vs_ref}{r['miou']:>8.4f}{r['segmenter_fd']:>8.4f}{r['diversity']:>10.4f}")
+
+
+def _table(rows: list[dict], guidance: float, n: int) -> str:
+    return "\n".join([HEADER] + [_fmt_row(r, guidance, n) for r in rows])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
