@@ -25,7 +25,7 @@ import ray.data
 from jobs.generate import actor_pool, init_ray, parse_concurrency
 from sdm import storage
 from sdm.cli_eval import add_eval_arguments, run_eval
-from sdm.data.shards import decode_ids, decode_image
+from sdm.imageio import decode_ids, decode_image
 from sdm.errors import SDMError
 from sdm.metrics.image_sets import ImageSet, resize_item
 from sdm.metrics.scoring import Partial, ScoreSpec, SetScorer, merge

@@ -27,7 +27,7 @@ import ray.data
 from sdm import checkpoint, storage
 from sdm.config import SDMConfig
 from sdm.data.card import CARD_FILE, DatasetCard, ShardInfo, read_card
-from sdm.data.shards import decode_ids, encode_png
+from sdm.imageio import decode_ids, encode_png
 from sdm.errors import DatasetError, InvalidInputError, SDMError
 from sdm.generate import (
     GenerationOutput,

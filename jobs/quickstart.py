@@ -21,7 +21,8 @@ from jobs import generate, train
 from sdm import storage
 from sdm.data.card import CARD_FILE, read_card
 from sdm.data.inspect import colourise
-from sdm.data.shards import encode_png, iter_samples
+from sdm.data.shards import iter_samples
+from sdm.imageio import encode_png
 from sdm.data.toy import write_toy_dataset
 from sdm.metrics.evaluate import EvalSettings, evaluate, summary
 from sdm.metrics.image_sets import open_set

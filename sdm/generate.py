@@ -36,7 +36,8 @@ from sdm.config import ModelConfig, SDMConfig
 from sdm.data.card import DatasetCard, ShardInfo, write_card
 from sdm.data.packers import REJECTS_FILE
 from sdm.data.preprocess import preprocess_eval
-from sdm.data.shards import BASE_SCHEMA, SHARD_DIR, ShardWriter, decode_ids, encode_png, make_row
+from sdm.data.shards import BASE_SCHEMA, SHARD_DIR, ShardWriter, make_row
+from sdm.imageio import decode_ids, encode_png
 from sdm.errors import DatasetError, InvalidInputError
 from sdm.labels import raw_to_classes
 from sdm.pipeline import SDMPipeline

@@ -14,6 +14,7 @@ from sdm.config import SDMConfig
 from sdm.device import autocast_dtype, default_device
 from sdm.diffusion import GaussianDiffusion
 from sdm.errors import InvalidInputError
+from sdm.imageio import ID_MODES
 from sdm.labels import label_input, raw_to_classes
 from sdm.samplers import Known
 from sdm.sampling import DEFAULT_MICRO_BATCH, Progress, SampleRunner, SamplingParams, sample_seeds
@@ -25,7 +26,7 @@ LabelLike = Union[np.ndarray, torch.Tensor, Image.Image]
 def _as_id_array(x: LabelLike, what: str) -> np.ndarray:
     """A label or instance map as an integer array; PIL images must be single-channel id maps."""
     if isinstance(x, Image.Image):
-        if x.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
+        if x.mode not in ID_MODES:
             raise InvalidInputError(
                 f"{what} must be a single-channel PNG of ids (mode L, P, I or I;16), got mode {x.mode}"
             )

@@ -12,7 +12,8 @@ import torch
 from sdm.checkpoint import save_model
 from sdm.config import ModelConfig, SDMConfig, get_preset
 from sdm.data.card import read_card
-from sdm.data.shards import encode_png, iter_samples
+from sdm.data.shards import iter_samples
+from sdm.imageio import encode_png
 from sdm.generate import GenerationOutput, GenerationSettings, generated_row
 from sdm.labels import label_input
 from sdm.unet import SDMUNet

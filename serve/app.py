@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import base64
 import hmac
-import io
 import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
@@ -26,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from sdm.errors import InvalidInputError
+from sdm.imageio import encode_png
 from serve.errors import ApiError
 from serve.inputs import Job, Limits, ModelInfo, parse_job, read_body
 from serve.metrics import ApiMetrics
@@ -138,10 +136,10 @@ class SDMApi:
         if job.num_samples == 1 and "application/json" not in request.headers.get("accept", ""):
             headers = {"X-SDM-Seed": str(job.seed), "X-SDM-Batch-Size": str(out.batch_size)}
             headers |= {f"X-SDM-{k.replace('_', '-').title()}": f"{v:.1f}" for k, v in timings.items()}
-            return Response(_png(out.images[0]), media_type="image/png", headers=headers)
+            return Response(encode_png(out.images[0]), media_type="image/png", headers=headers)
         return JSONResponse(
             {
-                "images": [base64.b64encode(_png(im)).decode() for im in out.images],
+                "images": [base64.b64encode(encode_png(im)).decode() for im in out.images],
                 "seed": job.seed,
                 "seeds": out.seeds,
                 "batch_size": out.batch_size,
@@ -187,9 +185,3 @@ def _app_path(request: Request) -> str:
 def _cause(e: Exception) -> str:
     """The message of an exception raised in another replica (Ray wraps it with its traceback)."""
     return str(getattr(e, "cause", None) or e)
-
-
-def _png(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()

@@ -18,12 +18,12 @@ from starlette.requests import Request
 from sdm import checkpoint
 from sdm.config import DataConfig, SamplingConfig
 from sdm.errors import InvalidInputError
+from sdm.imageio import ID_MODES
 from sdm.labels import colors_to_ids, default_palette, raw_to_classes
 from sdm.samplers import SAMPLERS
 from sdm.sampling import check_guidance
 from serve.errors import ApiError
 
-ID_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L")
 PARAMS = ("guidance_scale", "steps", "sampler", "seed", "num_samples")
 FILES = {"generate": ("label", "instance"), "edit": ("image", "mask", "label", "instance")}
 REQUIRED = {"generate": ("label",), "edit": ("image", "mask", "label")}

@@ -7,7 +7,8 @@ import pytest
 from sdm import storage
 from sdm.data.card import CARD_FILE, read_card
 from sdm.data.preprocess import preprocess_eval, preprocess_train
-from sdm.data.shards import ShardWriter, decode_row, encode_png, iter_rows, iter_samples, make_row
+from sdm.data.shards import ShardWriter, decode_row, iter_rows, iter_samples, make_row
+from sdm.imageio import encode_png
 from sdm.data.toy import TOY_PALETTE, render_toy_image, render_toy_sample, write_toy_dataset
 from sdm.config import get_preset
 from sdm.errors import DatasetError

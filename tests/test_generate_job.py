@@ -20,7 +20,8 @@ from ray_session import ray_session
 from sdm import storage
 from sdm.checkpoint import model_id
 from sdm.data.card import CARD_FILE, read_card, write_card
-from sdm.data.shards import decode_row, encode_png, iter_rows
+from sdm.data.shards import decode_row, iter_rows
+from sdm.imageio import encode_png
 from sdm.data.toy import render_toy_sample, write_toy_dataset
 from sdm.generate import REJECTS_FILE, GenerationOutput, call_seed
 from sdm.pipeline import SDMPipeline

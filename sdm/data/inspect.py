@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from itertools import islice
 
 import numpy as np
@@ -12,6 +11,7 @@ from PIL import Image
 from sdm import storage
 from sdm.data.card import DatasetCard, read_card
 from sdm.data.shards import iter_samples
+from sdm.imageio import png_bytes
 from sdm.labels import instance_edges
 
 
@@ -40,9 +40,7 @@ def contact_sheet(uri: str, card: DatasetCard, n: int = 8, cell: int = 128) -> b
         tiles = [s["image"], colourise(s["label"], card.palette), (edges * 255).astype(np.uint8)[..., None].repeat(3, 2)]
         size = (cell * w // max(h, w), cell * h // max(h, w))
         rows.append(np.concatenate([np.array(Image.fromarray(t).resize(size, Image.NEAREST)) for t in tiles], axis=1))
-    buf = io.BytesIO()
-    Image.fromarray(np.concatenate(rows, axis=0)).save(buf, format="PNG")
-    return buf.getvalue()
+    return png_bytes(Image.fromarray(np.concatenate(rows, axis=0)))
 
 
 def summary(uri: str, card: DatasetCard, hist: np.ndarray) -> str:

@@ -19,7 +19,8 @@ import numpy as np
 from sdm import storage
 from sdm.data.card import DatasetCard, write_card
 from sdm.data.classes import dataset_classes
-from sdm.data.shards import DEFAULT_SHARD_BYTES, ShardWriter, decode_ids, decode_image, encode_png, make_row
+from sdm.data.shards import DEFAULT_SHARD_BYTES, ShardWriter, make_row
+from sdm.imageio import decode_ids, decode_image, encode_png
 from sdm.errors import DatasetError
 
 REJECTS_FILE = "rejects.jsonl"

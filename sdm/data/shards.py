@@ -8,19 +8,17 @@ each shard atomically; the reader streams one shard at a time and checks each ag
 from __future__ import annotations
 
 import hashlib
-import io
 import random
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
 from sdm import storage
 from sdm.data.card import DatasetCard, ShardInfo, read_card
 from sdm.errors import DatasetError, StorageError
+from sdm.imageio import decode_ids, decode_image
 
 SHARD_DIR = "shards"
 DEFAULT_SHARD_BYTES = 256 * 2**20
@@ -36,42 +34,6 @@ BASE_SCHEMA = pa.schema(
         ("split", pa.string()),
     ]
 )
-
-
-def encode_png(arr: np.ndarray) -> bytes:
-    """An image (HxWx3 uint8) or an id map (HxW; 8-bit when ids fit, else 16-bit) as PNG bytes."""
-    if arr.ndim == 3:
-        img = Image.fromarray(arr.astype(np.uint8))
-    elif arr.max(initial=0) <= 255 and arr.min(initial=0) >= 0:
-        img = Image.fromarray(arr.astype(np.uint8))
-    elif arr.max() <= 65535 and arr.min() >= 0:
-        img = Image.fromarray(arr.astype(np.uint16))
-    else:
-        raise DatasetError(f"id map values must lie in [0, 65535] to fit a PNG, got [{arr.min()}, {arr.max()}]")
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def decode_ids(data: bytes, what: str) -> np.ndarray:
-    """A single-channel PNG of ids -> int64 HxW."""
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except Exception as e:  # PIL raises many types for corrupt data
-        raise DatasetError(f"{what} is not a readable image: {e}") from None
-    if img.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
-        raise DatasetError(f"{what} must be a single-channel id map, got mode {img.mode}")
-    return np.array(img).astype(np.int64)
-
-
-def decode_image(data: bytes, what: str) -> np.ndarray:
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except Exception as e:
-        raise DatasetError(f"{what} is not a readable image: {e}") from None
-    return np.array(img.convert("RGB"))
 
 
 def decode_row(row: dict[str, Any]) -> dict[str, Any]:

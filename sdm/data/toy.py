@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from sdm.data.card import DatasetCard, write_card
-from sdm.data.shards import DEFAULT_SHARD_BYTES, ShardWriter, encode_png, make_row
+from sdm.data.shards import DEFAULT_SHARD_BYTES, ShardWriter, make_row
+from sdm.imageio import encode_png
 
 TOY_CLASSES = ["sky", "grass", "water", "tree", "house", "ball"]
 TOY_PALETTE = [[135, 206, 235], [60, 160, 60], [30, 60, 200], [10, 80, 20], [180, 40, 40], [250, 200, 30]]

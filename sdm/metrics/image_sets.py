@@ -23,7 +23,8 @@ import pyarrow.fs as pafs
 from sdm import storage
 from sdm.data.card import CARD_FILE, DatasetCard, read_card
 from sdm.data.preprocess import resize_sample
-from sdm.data.shards import decode_ids, decode_image, decode_row, iter_rows
+from sdm.data.shards import decode_row, iter_rows
+from sdm.imageio import decode_ids, decode_image
 from sdm.errors import DatasetError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")

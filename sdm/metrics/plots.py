@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
+
+from sdm.imageio import png_bytes
 
 _COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 
@@ -51,6 +52,4 @@ def bar_panels_png(panels: Sequence[Panel], panel_width: int = 360, height: int 
             ImageDraw.Draw(lab).text((0, 0), label[:18], fill="black", font=font)
             lab = lab.rotate(90, expand=True)
             img.paste(lab, (int((left + right) / 2 - 7), height - bottom + 4), lab)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+    return png_bytes(img)

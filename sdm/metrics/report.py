@@ -3,7 +3,6 @@ contact_sheet.png (label | real | samples) and per_class_iou.png."""
 
 from __future__ import annotations
 
-import io
 import json
 import math
 
@@ -13,6 +12,7 @@ from PIL import Image
 from sdm import storage
 from sdm.data.inspect import colourise
 from sdm.metrics.plots import Panel, bar_panels_png
+from sdm.imageio import png_bytes
 
 SheetRow = tuple["np.ndarray | None", "np.ndarray | None", np.ndarray]  # label map, real image, samples [K, H, W, 3]
 
@@ -29,9 +29,7 @@ def contact_sheet_png(rows: list[SheetRow], palette: list[list[int]] | None, min
         tiles += list(samples) + [blank] * (k - len(samples))
         lines.append(np.concatenate(tiles, axis=1))
     sheet = np.concatenate(lines, axis=0)
-    buf = io.BytesIO()
-    Image.fromarray(sheet).resize((sheet.shape[1] * scale, sheet.shape[0] * scale), Image.NEAREST).save(buf, format="PNG")
-    return buf.getvalue()
+    return png_bytes(Image.fromarray(sheet).resize((sheet.shape[1] * scale, sheet.shape[0] * scale), Image.NEAREST))
 
 
 def per_class_iou_png(per_class: list[dict]) -> bytes:
