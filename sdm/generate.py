@@ -32,10 +32,10 @@ import pyarrow as pa
 import torch
 
 from sdm import storage
-from sdm.config import ModelConfig, SDMConfig
+from sdm.config import SDMConfig
 from sdm.data.card import DatasetCard, ShardInfo, write_card
 from sdm.data.packers import REJECTS_FILE
-from sdm.data.preprocess import preprocess_eval
+from sdm.data.preprocess import fit_to_model
 from sdm.data.shards import BASE_SCHEMA, SHARD_DIR, ShardWriter, make_row
 from sdm.imageio import decode_ids, encode_png
 from sdm.errors import DatasetError, InvalidInputError
@@ -109,29 +109,19 @@ def check_source_card(card: DatasetCard, source_uri: str, config: SDMConfig, mod
         )
 
 
-def check_size(shape: tuple[int, ...], model: ModelConfig, max_aspect_change: float, what: str) -> None:
-    """A label map is resized to the model's size; refuse one whose aspect ratio that would distort too much."""
-    h, w = shape
-    th, tw = model.image_size
-    change = abs((w / h) / (tw / th) - 1)
-    if change > max_aspect_change:
-        raise InvalidInputError(
-            f"{what} is {w}x{h} but the model takes {tw}x{th}: resizing would change the aspect ratio by "
-            f"{change:.0%} (limit {max_aspect_change:.0%}); crop it first"
-        )
-
-
 def load_item(key: str, label_png: bytes, instance_png: bytes | None, config: SDMConfig, max_aspect_change: float) -> dict[str, Any]:
-    """Decode and validate one label map (and instance map), resized to the model's size by the library's
-    evaluation preprocessing. Raises InvalidInputError or DatasetError naming the problem."""
+    """Decode and validate one label map (and instance map), resized to the model's size by the library's one
+    resize policy. Raises InvalidInputError or DatasetError naming the problem."""
     label = decode_ids(label_png, f"label map {key!r}")
     instance = decode_ids(instance_png, f"instance map {key!r}") if instance_png is not None else None
     if instance is not None and instance.shape != label.shape:
         raise InvalidInputError(f"instance map {key!r} is {instance.shape[1]}x{instance.shape[0]} but its label map is {label.shape[1]}x{label.shape[0]}")
     m = config.model
     raw_to_classes(label, config.data, m.num_classes)
-    check_size(label.shape, m, max_aspect_change, f"label map {key!r}")
-    return preprocess_eval({"key": key, "image": None, "label": label, "instance": instance}, m)
+    label = fit_to_model(label, m.image_size, f"label map {key!r}", max_aspect_change)
+    if instance is not None:
+        instance = fit_to_model(instance, m.image_size, f"instance map {key!r}", max_aspect_change)
+    return {"key": key, "image": None, "label": label, "instance": instance}
 
 
 def sample_images(

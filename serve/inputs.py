@@ -17,6 +17,7 @@ from starlette.requests import Request
 
 from sdm import checkpoint
 from sdm.config import DataConfig, SamplingConfig
+from sdm.data.preprocess import fit_to_model
 from sdm.errors import InvalidInputError
 from sdm.imageio import ID_MODES
 from sdm.labels import colors_to_ids, default_palette, raw_to_classes
@@ -155,7 +156,7 @@ async def parse_job(kind: str, request: Request, body: bytes, info: ModelInfo, l
     )
     if kind == "edit":
         image = _open(files["image"], "image", limits, formats=("PNG", "JPEG"))
-        job.image = _fit(np.array(image.convert("RGB")), "image", info.size, Image.Resampling.BICUBIC)
+        job.image = _fit(np.array(image.convert("RGB")), "image", info.size)
         mask = _fit(np.array(_open(files["mask"], "mask", limits).convert("L")), "mask", info.size)
         if not mask.any():
             raise ApiError(400, "empty_mask", "mask: selects no pixels to regenerate (nonzero = regenerate)")
@@ -247,24 +248,12 @@ def _label_ids(image: Image.Image, info: ModelInfo) -> np.ndarray:
     return ids
 
 
-def _fit(
-    arr: np.ndarray, field: str, size: tuple[int, int], resample: Image.Resampling = Image.Resampling.NEAREST
-) -> np.ndarray:
-    """Resize to the model's (height, width) when the aspect ratio matches; ids keep nearest-neighbour values."""
-    h, w = arr.shape[:2]
-    H, W = size
-    if (h, w) == (H, W):
-        return arr
-    if h * W != w * H:
-        raise ApiError(
-            400,
-            "size_mismatch",
-            f"{field}: {w}x{h} pixels cannot be resized to the model's {W}x{H} (different aspect ratio)",
-        )
-    if arr.ndim == 3:
-        return np.array(Image.fromarray(arr).resize((W, H), resample))
-    resized = Image.fromarray(arr.astype(np.int32)).resize((W, H), Image.Resampling.NEAREST)  # mode I
-    return np.array(resized).astype(arr.dtype)
+def _fit(arr: np.ndarray, field: str, size: tuple[int, int]) -> np.ndarray:
+    """To the model's (height, width) by the library's one resize policy (ids nearest, images bicubic)."""
+    try:
+        return fit_to_model(arr, size, field)
+    except InvalidInputError as e:
+        raise ApiError(400, "size_mismatch", str(e)) from None
 
 
 def _number(name: str, value: Any) -> float:

@@ -6,12 +6,12 @@ import pytest
 
 from sdm import storage
 from sdm.data.card import CARD_FILE, read_card
-from sdm.data.preprocess import preprocess_eval, preprocess_train
+from sdm.data.preprocess import fit_to_model, preprocess_eval, preprocess_train
 from sdm.data.shards import ShardWriter, decode_row, iter_rows, iter_samples, make_row
 from sdm.imageio import encode_png
 from sdm.data.toy import TOY_PALETTE, render_toy_image, render_toy_sample, write_toy_dataset
 from sdm.config import get_preset
-from sdm.errors import DatasetError
+from sdm.errors import DatasetError, InvalidInputError
 
 
 def test_toy_dataset_round_trips_byte_exact(store):
@@ -152,3 +152,14 @@ def test_shard_writer_splits_by_size(tmp_path):
         w.add(make_row(f"k{i}", "train", b"x" * 400, b"y", None, 1, 1))
     shards = w.close()
     assert [s.rows for s in shards] == [3, 3, 3, 1]
+
+
+def test_one_resize_policy_for_inputs_of_a_model():
+    ids = np.arange(64 * 66).reshape(64, 66) % 300  # 16-bit-range ids survive nearest resizing exactly
+    out = fit_to_model(ids, (32, 32), "label map 'x'")  # 3% off the model's aspect ratio: resized
+    assert out.shape == (32, 32) and np.isin(out, ids).all()
+    assert np.array_equal(fit_to_model(ids[:, :64], (32, 32), "m"), ids[:64:2, :64:2])
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    assert fit_to_model(image, (32, 32), "image").shape == (32, 32, 3)
+    with pytest.raises(InvalidInputError, match=r"label map 'x' is 48x32 but the model takes 32x32: .* by 50% \(limit 5%\)"):
+        fit_to_model(np.zeros((32, 48), np.int64), (32, 32), "label map 'x'")

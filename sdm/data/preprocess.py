@@ -12,6 +12,9 @@ import numpy as np
 from PIL import Image
 
 from sdm.config import DataConfig, ModelConfig
+from sdm.errors import InvalidInputError
+
+MAX_ASPECT_CHANGE = 0.05  # a map this close to the model's aspect ratio is resized; a farther one is refused
 
 
 def _resize_ids(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -28,6 +31,20 @@ def _resize_image(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if (arr.shape[1], arr.shape[0]) == size:
         return arr
     return np.array(Image.fromarray(arr).resize(size, resample=Image.BICUBIC))
+
+
+def fit_to_model(arr: np.ndarray, size: tuple[int, int], what: str, max_aspect_change: float = MAX_ASPECT_CHANGE) -> np.ndarray:
+    """The one resize policy of inputs given to a model of size (height, width): id maps (2-D) nearest, images
+    (H x W x 3) bicubic, refused with InvalidInputError when the aspect ratio would change more than allowed."""
+    h, w = arr.shape[:2]
+    th, tw = size
+    change = abs((w / h) / (tw / th) - 1)
+    if change > max_aspect_change:
+        raise InvalidInputError(
+            f"{what} is {w}x{h} but the model takes {tw}x{th}: resizing would change the aspect ratio by "
+            f"{change:.0%} (limit {max_aspect_change:.0%}); crop it first"
+        )
+    return _resize_image(arr, (tw, th)) if arr.ndim == 3 else _resize_ids(arr, (tw, th))
 
 
 def resize_sample(sample: dict[str, Any], size: tuple[int, int]) -> dict[str, Any]:
