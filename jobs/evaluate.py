@@ -22,11 +22,11 @@ import numpy as np
 import ray
 import ray.data
 
-from jobs.generate import actor_pool, init_ray, parse_concurrency
+from jobs.ray_setup import actor_pool, init_ray, parse_concurrency
 from sdm import storage
 from sdm.cli_eval import add_eval_arguments, run_eval
 from sdm.imageio import decode_ids, decode_image
-from sdm.errors import SDMError
+from sdm.errors import EXIT_REFUSED, SDMError
 from sdm.metrics.image_sets import ImageSet, resize_item
 from sdm.metrics.scoring import Partial, ScoreSpec, SetScorer, merge
 
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_eval(args, ray_score_set(args))
     except SDMError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import posixpath
 import sys
 import time
@@ -28,7 +27,8 @@ from sdm import checkpoint, storage
 from sdm.config import SDMConfig
 from sdm.data.card import CARD_FILE, DatasetCard, ShardInfo, read_card
 from sdm.imageio import decode_ids, encode_png
-from sdm.errors import DatasetError, InvalidInputError, SDMError
+from jobs.ray_setup import actor_pool, init_ray, parse_concurrency
+from sdm.errors import EXIT_OK, EXIT_REFUSED, EXIT_REJECTS, DatasetError, InvalidInputError, SDMError
 from sdm.generate import (
     GenerationOutput,
     GenerationSettings,
@@ -45,30 +45,8 @@ from sdm.pipeline import SDMPipeline
 from sdm.samplers import SAMPLERS
 from sdm.sampling import SamplingParams
 
-EXIT_REFUSED = 100
-MAX_REJECT_STATUS = 99
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # usage errors are refusals too, not "2 rejects"
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_REFUSED, f"{self.prog}: error: {message}\n")
-
-
-def parse_concurrency(text: str) -> int | tuple[int, int]:
-    """`N` actors, or `MIN-MAX` for an autoscaling pool."""
-    lo, _, hi = text.partition("-")
-    try:
-        sizes = (int(lo), int(hi or lo))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N or MIN-MAX, got {text!r}") from None
-    if not 1 <= sizes[0] <= sizes[1]:
-        raise argparse.ArgumentTypeError(f"expected 1 <= MIN <= MAX, got {text!r}")
-    return sizes[0] if sizes[0] == sizes[1] else sizes
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = _Parser(prog="python -m jobs.generate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m jobs.generate", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="exported model, training run, or converted official checkpoint")
     p.add_argument("--labels", required=True, help="a dataset (shards + dataset.json) or a folder of label PNGs")
     p.add_argument("--instances", help="folder of instance PNGs named like the label PNGs (folder sources)")
@@ -246,12 +224,6 @@ def _source_rows(src: LabelSource) -> ray.data.Dataset:
     )
 
 
-def actor_pool(concurrency: int | tuple[int, int]) -> ray.data.ActorPoolStrategy:
-    if isinstance(concurrency, tuple):
-        return ray.data.ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1])
-    return ray.data.ActorPoolStrategy(size=concurrency)
-
-
 def build_pipeline(plan: Plan, args: argparse.Namespace) -> ray.data.Dataset:
     """read -> decode/validate/preprocess -> sample on an actor pool -> encode + write; streamed end to end."""
     settings = plan.settings.to_dict()
@@ -268,13 +240,6 @@ def build_pipeline(plan: Plan, args: argparse.Namespace) -> ray.data.Dataset:
         _write, fn_kwargs={"out_uri": args.out, "settings": settings},
         batch_size=args.shard_rows, batch_format="numpy",
     )
-
-
-def init_ray(address: str | None) -> None:
-    """Join the given cluster or the job's (RAY_ADDRESS), else start a private local one: never a cluster
-    that merely happens to run on this machine (`--address auto` asks for that)."""
-    address = address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=address or "local", **({} if address else {"include_dashboard": False}))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -304,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         f"there; {len(rejects)} label maps rejected{' (see ' + storage.join(args.out, 'rejects.jsonl') + ')' if rejects else ''}"
     )
     print(f"output: {args.out} ({total} images in {len(card.shards)} shards, card {CARD_FILE})")
-    return min(len(rejects), MAX_REJECT_STATUS)
+    return EXIT_REJECTS if rejects else EXIT_OK
 
 
 if __name__ == "__main__":

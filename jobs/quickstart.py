@@ -72,17 +72,17 @@ def main(argv: list[str] | None = None) -> int:
     common = ["--preset", "tiny", "--data", data, "--num-workers", str(args.num_workers), "--log-every", "20",
               "--batch-size", str(args.batch_size), "--set", "train.ema_decay=0.98"]
     _banner(f"2/6 pretraining on Ray Train ({args.num_workers} workers) -> {pre}")
-    if train.main([*common, "--run", pre, "--steps", str(args.pretrain_steps), "--checkpoint-every", "100"]):
-        return 1
+    if status := train.main([*common, "--run", pre, "--steps", str(args.pretrain_steps), "--checkpoint-every", "100"]):
+        return status
     _banner(f"3/6 fine-tuning with label dropout 0.2 -> {ft}")
-    if train.main([*common, "--run", ft, "--stage", "finetune", "--init-from", pre,
-                   "--steps", str(args.finetune_steps), "--checkpoint-every", "50"]):
-        return 1
+    if status := train.main([*common, "--run", ft, "--stage", "finetune", "--init-from", pre,
+                             "--steps", str(args.finetune_steps), "--checkpoint-every", "50"]):
+        return status
 
     _banner(f"4/6 bulk generation on Ray Data: {args.samples_per_label} images per validation label map -> {gen}")
-    if generate.main(["--model", ft, "--labels", data, "--split", "val", "--out", gen,
-                      "--samples-per-label", str(args.samples_per_label)]):
-        return 1
+    if status := generate.main(["--model", ft, "--labels", data, "--split", "val", "--out", gen,
+                                "--samples-per-label", str(args.samples_per_label)]):
+        return status
 
     _banner(f"5/6 evaluation of the generated dataset against the real validation images -> {report}")
     results = _evaluate(data, gen, report, args.out)

@@ -20,12 +20,13 @@ import ray.train.torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from jobs.ray_setup import init_ray
 from jobs.train_data import check_dataset_fits, make_train_dataset
 from jobs.train_worker import train_worker
 from sdm import storage
 from sdm.config import SDMConfig, get_preset
 from sdm.data.card import DatasetCard, read_card
-from sdm.errors import SDMError
+from sdm.errors import EXIT_FAILED, EXIT_REFUSED, SDMError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -109,14 +110,10 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     )
 
 
-def _ray_init_args(args: argparse.Namespace) -> dict:
-    """Join the given cluster (or the job's, under `ray job submit`); else start a local one that leaves
-    a CPU for Ray Data beside the training workers. With its dashboard: Ray Train's placement-group cleaner
-    polls the state API that the dashboard serves, and warned every second without it."""
-    if args.address or os.environ.get("RAY_ADDRESS"):
-        return {"address": args.address}
+def _start_ray(args: argparse.Namespace) -> None:
+    """A local cluster leaves a CPU for Ray Data beside the training workers."""
     needed = int(args.num_workers * args.cpus_per_worker) + 1
-    return {"address": "local", "num_cpus": max(os.cpu_count() or 1, needed), "include_dashboard": True}
+    init_ray(args.address, num_cpus=max(os.cpu_count() or 1, needed), dashboard=True)
 
 
 def prepare(args: argparse.Namespace) -> tuple[SDMConfig, DatasetCard]:
@@ -141,7 +138,7 @@ def fit(args: argparse.Namespace, cfg: SDMConfig, card: DatasetCard) -> ray.trai
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     ray.data.DataContext.get_current().enable_progress_bars = False
     if not ray.is_initialized():
-        ray.init(**_ray_init_args(args))
+        _start_ray(args)
     loop_config = {
         "config": cfg.to_dict(),
         "args": {k: v for k, v in vars(args).items() if k not in ("preset", "config", "set")},
@@ -173,13 +170,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg, card = prepare(args)
     except SDMError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
     start = time.perf_counter()
     try:
         result = fit(args, cfg, card)
     except Exception as e:  # Ray Train's own error types; the workers' tracebacks were printed already
         print(f"error: training failed: {e}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     metrics = result.metrics or {}
     print(
         f"done in {time.perf_counter() - start:.0f}s: step {metrics.get('step')}, loss {metrics.get('loss', float('nan')):.4f}; "

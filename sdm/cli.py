@@ -16,7 +16,7 @@ from sdm.cli_convert import add_convert_command
 from sdm.cli_data import add_data_commands
 from sdm.cli_eval import add_eval_command
 from sdm.config import get_preset, list_presets
-from sdm.errors import SDMError
+from sdm.errors import EXIT_REFUSED, SDMError
 from sdm.samplers import SAMPLERS
 from sdm.unet import SDMUNet, count_parameters
 
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except SDMError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import sys
 import time
 
 from sdm.convert import OFFICIAL_PRESETS, convert_official
-from sdm.errors import SDMError
+from sdm.errors import EXIT_REFUSED, SDMError
 
 HELP = "convert a released SDM checkpoint (e.g. ema_0.9999_best.pt) to this project's model format"
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_convert_command(args)
     except SDMError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from sdm import storage
 from sdm.data.card import read_card
 from sdm.data.packers import pack
 from sdm.data.shards import iter_samples
-from sdm.errors import DatasetError
+from sdm.errors import EXIT_REJECTS, DatasetError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,7 +115,7 @@ def test_cli_exits_non_zero_naming_the_count_unless_told_to_skip(tmp_path):
     src = _bad_tree(tmp_path)
     cmd = [sys.executable, "-m", "sdm", "data", "pack", "--layout", "folder", str(src), str(tmp_path / "out")]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    assert out.returncode == 1 and "5 samples rejected" in out.stderr and "packed bad: 1 train" in out.stdout
+    assert out.returncode == EXIT_REJECTS and "5 samples rejected" in out.stderr and "packed bad: 1 train" in out.stdout
     assert subprocess.run([*cmd, "--skip-bad"], cwd=REPO, capture_output=True).returncode == 0
     # the rerun replaced the shard instead of adding one
     assert storage.list_files(str(tmp_path / "out/shards")) == ["train-00000.parquet"]

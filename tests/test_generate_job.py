@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jobs.generate import EXIT_REFUSED, main
+from jobs.generate import main
+from sdm.errors import EXIT_REFUSED, EXIT_REJECTS
 from ray_session import ray_session
 from sdm import storage
 from sdm.checkpoint import model_id
@@ -161,7 +162,7 @@ def test_bad_items_go_to_rejects_and_the_rest_completes(ray_cluster, random_mode
     (labels / "wide.png").write_bytes(_png(np.zeros((16, 32), np.uint8)))
 
     status = main(_args(random_model, str(labels), out, "--instances", str(instances), "--batch-size", "4"))
-    assert status == 3  # the exit status says how many were rejected
+    assert status == EXIT_REJECTS  # finished, with rejects
     rejects = {r["key"]: r["reason"] for r in map(json.loads, storage.read_bytes(f"{out}/{REJECTS_FILE}").splitlines())}
     assert set(rejects) == {"garbage", "class9", "wide"}
     assert "label map 'garbage' is not a readable image" in rejects["garbage"]

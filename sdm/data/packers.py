@@ -21,7 +21,7 @@ from sdm.data.card import DatasetCard, write_card
 from sdm.data.classes import dataset_classes
 from sdm.data.shards import DEFAULT_SHARD_BYTES, ShardWriter, make_row
 from sdm.imageio import decode_ids, decode_image, encode_png
-from sdm.errors import DatasetError
+from sdm.errors import EXIT_OK, EXIT_REJECTS, DatasetError
 
 REJECTS_FILE = "rejects.jsonl"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
@@ -182,10 +182,10 @@ def pack(layout: str, src: str, dst: str, shard_bytes: int = DEFAULT_SHARD_BYTES
 
 
 def report(card: DatasetCard, rejects: list[dict], dst: str, skip_bad: bool) -> int:
-    """Print the summary; the exit status is non-zero when samples were rejected, unless told to skip them."""
+    """Print the summary; the exit status is EXIT_REJECTS when samples were rejected, unless told to skip them."""
     splits = ", ".join(f"{v} {k}" for k, v in card.split_sizes.items())
     print(f"packed {card.name}: {splits} in {len(card.shards)} shards -> {dst}")
     if rejects:
         print(f"{len(rejects)} samples rejected (see {storage.join(dst, REJECTS_FILE)}), e.g. {rejects[0]['key']}: {rejects[0]['reason']}", file=sys.stderr)
-        return 0 if skip_bad else 1
-    return 0
+        return EXIT_OK if skip_bad else EXIT_REJECTS
+    return EXIT_OK
