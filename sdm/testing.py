@@ -29,6 +29,23 @@ def perturbed(net: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch
     return net
 
 
+def seeded_weights(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Overwrite every parameter from one seeded generator, independent of the layers' own initialisation (which
+    may change between torch releases): weights N(0, 1/fan_in), everything else 1-dimensional N(0, 0.05^2),
+    norm scales around 1. For golden-value tests against other implementations of the network."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if p.dim() > 1:
+                p.copy_(noise / (p[0].numel() ** 0.5))
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.05 * noise)
+            else:
+                p.copy_(0.05 * noise)
+    return net
+
+
 def blocky_batches(model: ModelConfig, batch: int, count: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`count` batches of (x0 in [-1, 1], label input): blocky random label maps, each class painted in one colour
     shared by all batches. A mapping a network fits in tens of steps, for training checks and benchmarks."""
