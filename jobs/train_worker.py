@@ -15,13 +15,25 @@ import ray.train.torch
 import torch
 
 from sdm import storage
-from sdm.checkpoint import RUN_MODEL_DIR, load_state_dict, save_classes, save_model
+from sdm.checkpoint import (
+    EMA_FILE,
+    RUN_MODEL_DIR,
+    WEIGHTS_FILE,
+    Progress,
+    is_train_state,
+    load_state_dict,
+    load_train_state,
+    load_weights,
+    save_classes,
+    save_model,
+    save_train_state,
+)
 from sdm.config import SDMConfig
 from sdm.diffusion import GaussianDiffusion
-from sdm.errors import CheckpointError
+from sdm.errors import CheckpointError, StorageError
 from sdm.labels import encode_raw_labels
 from sdm.sampling import derive_seed
-from sdm.train_state import EMA, MODEL, STATE, Progress, load_train_state, load_weights, save_train_state
+
 from sdm.training import StepResult, make_ema, train_step
 from sdm.unet import SDMUNet
 
@@ -30,19 +42,12 @@ CHECKPOINT_PREFIX = "checkpoint_"
 
 def checkpoint_dirs(run_uri: str) -> list[str]:
     """The URIs of a run's Ray Train checkpoints that have their state file, newest first."""
-    fs, path = storage.resolve(run_uri)
     try:
-        from pyarrow.fs import FileSelector, FileType
-
-        infos = fs.get_file_info(FileSelector(path, allow_not_found=True))
-    except OSError:
+        names = [n for n in storage.list_dirs(run_uri) if n.startswith(CHECKPOINT_PREFIX) and n[len(CHECKPOINT_PREFIX):].isdigit()]
+    except StorageError:  # an unreachable store holds no checkpoint to resume from
         return []
-    names = sorted(
-        name for name in (os.path.basename(i.path) for i in infos if i.type == FileType.Directory)
-        if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit()
-    )
     uris = [storage.join(run_uri, name) for name in reversed(names)]
-    return [uri for uri in uris if storage.exists(storage.join(uri, STATE))]
+    return [uri for uri in uris if is_train_state(uri)]
 
 
 def latest_checkpoint_dir(run_uri: str) -> str | None:
@@ -97,11 +102,8 @@ def _init_weights(net: SDMUNet, ema: torch.nn.Module, uri: str) -> None:
         net.load_state_dict(weights)
         ema.module.load_state_dict(weights)
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in (MODEL, EMA):
-            storage.write_bytes(os.path.join(tmp, name), storage.read_bytes(storage.join(ckpt, name)))
-        net.load_state_dict(load_weights(tmp, MODEL))
-        ema.load_state_dict(load_weights(tmp, EMA))
+    net.load_state_dict(load_weights(ckpt, WEIGHTS_FILE))
+    ema.load_state_dict(load_weights(ckpt, EMA_FILE))
 
 
 def _collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -1,14 +1,22 @@
-"""Model checkpoints: weights in safetensors plus the JSON config, on any URI the storage helper takes.
+"""Checkpoints on any URI the storage helper takes: exported models and training state, one module.
 
-Layout of an exported model directory: `config.json` and `model.safetensors`, and optionally
-`classes.json` (class names and palette colours, indexed by label id). A training run directory
-holds its exported model under `model/`. Loading never unpickles code.
+An exported model directory: `config.json` and `model.safetensors`, and optionally `classes.json` (class names
+and palette colours, indexed by label id). A training run directory holds its exported model under `model/`.
+
+A training-state directory (what Ray Train persists per checkpoint): `model.safetensors` and `ema.safetensors`,
+`optimizer.pt` and `scaler.pt` (tensor-only state dicts), `rng.pt` (torch RNG states), `config.json`, and
+`state.json` (step, data position) written last, so its presence marks a whole checkpoint.
+
+Loading never unpickles code: safetensors, and torch.load with weights_only=True.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import pickle
+from dataclasses import asdict, dataclass
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -23,6 +31,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CLASSES_FILE = "classes.json"
 RUN_MODEL_DIR = "model"
+EMA_FILE, OPTIMIZER_FILE, SCALER_FILE, RNG_FILE, STATE_FILE = "ema.safetensors", "optimizer.pt", "scaler.pt", "rng.pt", "state.json"
 
 
 def save_model(uri: str, net: torch.nn.Module, config: SDMConfig, metadata: dict[str, str] | None = None) -> None:
@@ -116,3 +125,80 @@ def load_model(uri: str) -> tuple[SDMUNet, SDMConfig]:
         )
     net.load_state_dict(state)
     return net.eval(), config
+
+
+@dataclass
+class Progress:
+    """Where training stands: optimizer steps done, and the position in the data stream."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    stage: str = "pretrain"
+
+
+def _weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def _torch_bytes(obj: object) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def save_train_state(uri: str, net: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer,
+                     scaler: torch.amp.GradScaler | None, progress: Progress, config: SDMConfig) -> None:
+    """Everything needed to continue a run exactly; state.json last."""
+    storage.write_bytes(storage.join(uri, WEIGHTS_FILE), save_safetensors(_weights(net)))
+    storage.write_bytes(storage.join(uri, EMA_FILE), save_safetensors(_weights(ema)))
+    storage.write_bytes(storage.join(uri, OPTIMIZER_FILE), _torch_bytes(opt.state_dict()))
+    if scaler is not None:
+        storage.write_bytes(storage.join(uri, SCALER_FILE), _torch_bytes(scaler.state_dict()))
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    storage.write_bytes(storage.join(uri, RNG_FILE), _torch_bytes(rng))
+    storage.write_bytes(storage.join(uri, CONFIG_FILE), config.to_json().encode())
+    storage.write_bytes(storage.join(uri, STATE_FILE), json.dumps(asdict(progress)).encode())
+
+
+def is_train_state(uri: str) -> bool:
+    return storage.exists(storage.join(uri, STATE_FILE))
+
+
+def load_progress(uri: str) -> Progress:
+    if not is_train_state(uri):
+        raise CheckpointError(f"{uri} is not a complete training checkpoint: {STATE_FILE} is missing")
+    return Progress(**json.loads(storage.read_bytes(storage.join(uri, STATE_FILE))))
+
+
+def load_weights(uri: str, name: str = WEIGHTS_FILE) -> dict[str, torch.Tensor]:
+    """One safetensors file of a checkpoint directory (model or EMA weights)."""
+    try:
+        return load_safetensors(storage.read_bytes(storage.join(uri, name)))
+    except Exception as e:  # a storage error, or one of safetensors' own error types
+        raise CheckpointError(f"cannot read {name} in {uri}: {e}") from None
+
+
+def _load_tensors(uri: str, name: str) -> dict:
+    try:
+        return torch.load(io.BytesIO(storage.read_bytes(storage.join(uri, name))), weights_only=True)
+    except (StorageError, RuntimeError, EOFError, pickle.UnpicklingError) as e:  # missing or truncated
+        raise CheckpointError(f"cannot read {name} in {uri}: {e}") from None
+
+
+def load_train_state(uri: str, net: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer,
+                     scaler: torch.amp.GradScaler | None) -> Progress:
+    """Restore weights, EMA, optimizer, scaler and RNG in place; returns the progress to continue from."""
+    progress = load_progress(uri)
+    net.load_state_dict(load_weights(uri, WEIGHTS_FILE))
+    ema.load_state_dict(load_weights(uri, EMA_FILE))
+    opt.load_state_dict(_load_tensors(uri, OPTIMIZER_FILE))
+    if scaler is not None and storage.exists(storage.join(uri, SCALER_FILE)):
+        scaler.load_state_dict(_load_tensors(uri, SCALER_FILE))
+    rng = _load_tensors(uri, RNG_FILE)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return progress

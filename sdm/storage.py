@@ -122,16 +122,24 @@ def _upload(path: str, data: bytes) -> None:
     boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=data)
 
 
-def list_files(uri: str, suffix: str = "") -> list[str]:
-    """Names (not paths) of the files directly under a directory URI, sorted; [] when it does not exist."""
+def _list(uri: str, kind: pafs.FileType, suffix: str) -> list[str]:
     fs, path = resolve(uri)
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     except OSError as e:
         raise StorageError(f"cannot list {uri}: {e}") from None
-    return sorted(
-        posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix)
-    )
+    return sorted(posixpath.basename(i.path) for i in infos if i.type == kind and i.path.endswith(suffix))
+
+
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """Names (not paths) of the files directly under a directory URI, sorted; [] when it does not exist."""
+    return _list(uri, pafs.FileType.File, suffix)
+
+
+def list_dirs(uri: str) -> list[str]:
+    """Names of the directories directly under a directory URI, sorted; [] when it does not exist. (On S3, a
+    directory is a common key prefix.)"""
+    return _list(uri, pafs.FileType.Directory, "")
 
 
 def delete(uri: str) -> None:

@@ -15,10 +15,9 @@ import pytest
 
 from ray_session import ray_session
 from sdm import storage
-from sdm.checkpoint import load_model
+from sdm.checkpoint import load_model, load_progress
 from sdm.data.toy import write_toy_dataset
 from sdm.pipeline import SDMPipeline
-from sdm.train_state import load_progress
 
 pytestmark = pytest.mark.ray
 

@@ -1,4 +1,5 @@
-"""A training checkpoint restores everything exactly, and a partial one fails with CheckpointError."""
+"""A training checkpoint restores everything exactly, on local paths and on S3, and a partial one fails with
+CheckpointError."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 
 from sdm.config import get_preset
 from sdm.errors import CheckpointError
-from sdm.train_state import OPTIMIZER, STATE, Progress, load_train_state, save_train_state
+from sdm import storage
+from sdm.checkpoint import OPTIMIZER_FILE, STATE_FILE, Progress, is_train_state, load_train_state, save_train_state
 from sdm.training import make_ema
 from sdm.unet import SDMUNet
 
@@ -29,14 +31,16 @@ def _one_step(net, opt) -> None:
     opt.step()
 
 
-def test_round_trip_restores_weights_optimizer_and_rng(tmp_path):
+def test_round_trip_restores_weights_optimizer_and_rng(store):
     cfg, net, ema, opt = _state(0)
     _one_step(net, opt)
-    save_train_state(str(tmp_path), net, ema, opt, None, Progress(step=7, epoch=1, batches_in_epoch=3), cfg)
+    uri = storage.join(store, "run", "checkpoint_00000007")
+    save_train_state(uri, net, ema, opt, None, Progress(step=7, epoch=1, batches_in_epoch=3), cfg)
+    assert is_train_state(uri) and storage.list_dirs(storage.join(store, "run")) == ["checkpoint_00000007"]
     expected_draw = torch.rand(3)
 
     _, net2, ema2, opt2 = _state(1)
-    progress = load_train_state(str(tmp_path), net2, ema2, opt2, None)
+    progress = load_train_state(uri, net2, ema2, opt2, None)
     assert progress == Progress(step=7, epoch=1, batches_in_epoch=3)
     assert torch.equal(torch.rand(3), expected_draw)  # the RNG continues where the saved run stood
     for a, b in zip(net.parameters(), net2.parameters()):
@@ -51,11 +55,11 @@ def test_round_trip_restores_weights_optimizer_and_rng(tmp_path):
 def test_a_truncated_or_unfinished_checkpoint_raises_checkpoint_error(tmp_path):
     cfg, net, ema, opt = _state(0)
     save_train_state(str(tmp_path), net, ema, opt, None, Progress(step=1), cfg)
-    path = os.path.join(tmp_path, OPTIMIZER)
+    path = os.path.join(tmp_path, OPTIMIZER_FILE)
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
-    with pytest.raises(CheckpointError, match=OPTIMIZER):
+    with pytest.raises(CheckpointError, match=OPTIMIZER_FILE):
         load_train_state(str(tmp_path), *_state(1)[1:], None)
-    os.remove(os.path.join(tmp_path, STATE))
+    os.remove(os.path.join(tmp_path, STATE_FILE))
     with pytest.raises(CheckpointError, match="not a complete"):
         load_train_state(str(tmp_path), *_state(1)[1:], None)
