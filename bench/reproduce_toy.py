@@ -70,7 +70,7 @@ def train_model(structure: str, data: str, out: str, args: argparse.Namespace) -
     cfg = get_preset("tiny").with_overrides([f"model.conditioning={structure}"])
     if storage.exists(storage.join(out, "config.json")):
         log(f"{structure}: reusing {out}")
-        return SDMPipeline.from_pretrained(out, micro_batch=64)
+        return SDMPipeline.from_pretrained(out, micro_batch=args.val_maps * args.k)
     start = time.perf_counter()
 
     def progress(stage: str, total: int):
@@ -86,7 +86,7 @@ def train_model(structure: str, data: str, out: str, args: argparse.Namespace) -
     model = SDMUNet(cfg.model)
     model.load_state_dict(ema.module.state_dict())
     save_model(out, model, cfg, metadata={"origin": f"bench/reproduce_toy {structure}"})
-    return SDMPipeline(model.eval(), cfg, micro_batch=64)
+    return SDMPipeline(model.eval(), cfg, micro_batch=args.val_maps * args.k)  # one unpadded batch per row of the table
 
 
 def score(pipe: SDMPipeline, maps: list[dict], k: int, guidance: float, sampler: str, steps: int, seg: Segmenter,

@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
-    pipe = SDMPipeline.from_pretrained(args.model, precision=args.precision, micro_batch=64)
+    # One network batch per setting, unpadded: every row is a real sample.
+    pipe = SDMPipeline.from_pretrained(args.model, precision=args.precision, micro_batch=args.maps * args.k)
     guidance = pipe.config.sampling.guidance_scale if args.guidance is None else args.guidance
     card = read_card(args.data)
     maps = list(islice(iter_samples(args.data, split="val"), args.maps))
