@@ -18,6 +18,7 @@ from sdm.cli_eval import add_eval_command
 from sdm.config import get_preset, list_presets
 from sdm.errors import EXIT_REFUSED, SDMError
 from sdm.samplers import SAMPLERS
+from sdm.sampling import DEFAULT_MICRO_BATCH
 from sdm.unet import SDMUNet, count_parameters
 
 
@@ -40,7 +41,7 @@ def _read_id_png(uri: str) -> np.ndarray:
 def cmd_sample(args: argparse.Namespace) -> int:
     from sdm.pipeline import SDMPipeline
 
-    pipe = SDMPipeline.from_pretrained(args.model, device=args.device, precision=args.precision)
+    pipe = SDMPipeline.from_pretrained(args.model, device=args.device, precision=args.precision, micro_batch=args.micro_batch)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -82,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--device", default=None)
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    p.add_argument("--micro-batch", type=int, default=DEFAULT_MICRO_BATCH,
+                   help="rows per network call, as in the generation job: the same value gives the same bytes")
     p.set_defaults(func=cmd_sample)
 
     add_data_commands(sub)
