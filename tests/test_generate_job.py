@@ -222,4 +222,4 @@ def test_killed_job_finishes_on_rerun_with_every_item_exactly_once(ray_cluster, 
     assert not os.path.exists(unfinished)
     assert sorted(storage.list_files(os.path.join(out, "shards"))) == sorted(os.path.basename(s.path) for s in card.shards)
     src = decode_row(next(iter_rows(labels)))
-    assert rows[f"{src['key']}_0"]["image"] == _reference(random_model, src["label"], src["instance"], src["key"], 0)
+    assert rows[f"{src['key']}_0"]["image"] == _reference(random_model, src["label"], src["instance"], rows[f"{src['key']}_0"])
