@@ -28,6 +28,7 @@ from sdm.config import SDMConfig
 from sdm.data.card import CARD_FILE, DatasetCard, ShardInfo, read_card
 from sdm.imageio import decode_ids, encode_png
 from jobs.ray_setup import actor_pool, init_ray, parse_concurrency
+from jobs.specs import GenerateSpec, from_namespace
 from sdm.errors import EXIT_OK, EXIT_REFUSED, EXIT_REJECTS, DatasetError, InvalidInputError, SDMError
 from sdm.generate import (
     GenerationOutput,
@@ -43,9 +44,9 @@ from sdm.generate import (
 from sdm.labels import default_palette
 from sdm.pipeline import SDMPipeline
 from sdm.samplers import SAMPLERS
-from sdm.sampling import SamplingParams
+from sdm.sampling import DEFAULT_MICRO_BATCH, SamplingParams
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> GenerateSpec:
     p = argparse.ArgumentParser(prog="python -m jobs.generate", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="exported model, training run, or converted official checkpoint")
     p.add_argument("--labels", required=True, help="a dataset (shards + dataset.json) or a folder of label PNGs")
@@ -61,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eta", type=float, help="DDIM eta (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16, help="rows per call of a sampling actor")
-    p.add_argument("--micro-batch", type=int, default=8,
+    p.add_argument("--micro-batch", type=int, default=DEFAULT_MICRO_BATCH,
                    help="rows per network call; part of the settings, as it can change rounding")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     p.add_argument("--shard-rows", type=int, default=256, help="generated rows per output shard")
@@ -71,11 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--concurrency", type=parse_concurrency, default=1, help="sampling actors: N, or MIN-MAX to autoscale")
     p.add_argument("--address", help="Ray address, or auto for the running cluster (default: RAY_ADDRESS, else a new local one)")
-    args = p.parse_args(argv)
-    for name in ("model", "labels", "instances", "out"):  # the actors read and write them
-        if getattr(args, name):
-            setattr(args, name, storage.absolute(getattr(args, name)))
-    return args
+    return from_namespace(GenerateSpec, p.parse_args(argv))
 
 
 @dataclass
@@ -98,7 +95,7 @@ class Plan:
     done: set[str]
 
 
-def _check_numbers(args: argparse.Namespace) -> None:
+def _check_numbers(args: GenerateSpec) -> None:
     for name in ("samples_per_label", "batch_size", "micro_batch", "shard_rows"):
         if getattr(args, name) < 1:
             raise InvalidInputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -107,7 +104,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
             raise InvalidInputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
 
 
-def _label_source(args: argparse.Namespace, cfg: SDMConfig) -> LabelSource:
+def _label_source(args: GenerateSpec, cfg: SDMConfig) -> LabelSource:
     if storage.exists(storage.join(args.labels, CARD_FILE)):
         card = read_card(args.labels)
         check_source_card(card, args.labels, cfg, args.model)
@@ -121,7 +118,7 @@ def _label_source(args: argparse.Namespace, cfg: SDMConfig) -> LabelSource:
     return LabelSource(args.labels, None, files=files, instances_uri=args.instances, instance_files=inst)
 
 
-def _base_card(source: LabelSource, cfg: SDMConfig, args: argparse.Namespace, settings: GenerationSettings) -> DatasetCard:
+def _base_card(source: LabelSource, cfg: SDMConfig, args: GenerateSpec, settings: GenerationSettings) -> DatasetCard:
     """What the output card says besides its shards: the source's classes and how it was generated."""
     extra = {"generation": {**settings.to_dict(), "model": args.model, "source": args.labels,
                             "samples_per_label": args.samples_per_label}}
@@ -133,7 +130,7 @@ def _base_card(source: LabelSource, cfg: SDMConfig, args: argparse.Namespace, se
     return DatasetCard("generated", n, names, [list(c) for c in palette], bool(source.instance_files), extra=extra)
 
 
-def plan_job(args: argparse.Namespace) -> Plan:
+def plan_job(args: GenerateSpec) -> Plan:
     """Everything that can refuse the job, checked before any worker starts."""
     _, cfg = checkpoint.load_model(args.model)  # the weights must load and fit their config
     params = SamplingParams.resolve(cfg.sampling, cfg.diffusion.steps, args.guidance, args.steps, args.sampler, args.eta)
@@ -224,7 +221,7 @@ def _source_rows(src: LabelSource) -> ray.data.Dataset:
     )
 
 
-def build_pipeline(plan: Plan, args: argparse.Namespace) -> ray.data.Dataset:
+def build_pipeline(plan: Plan, args: GenerateSpec) -> ray.data.Dataset:
     """read -> decode/validate/preprocess -> sample on an actor pool -> encode + write; streamed end to end."""
     settings = plan.settings.to_dict()
     items = _source_rows(plan.source).flat_map(
@@ -243,7 +240,11 @@ def build_pipeline(plan: Plan, args: argparse.Namespace) -> ray.data.Dataset:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    return run(parse_args(argv))
+
+
+def run(args: GenerateSpec) -> int:
+    """Plan (refusing bad input before any worker starts), generate, finalise; returns the exit status."""
     try:
         plan = plan_job(args)
     except SDMError as e:

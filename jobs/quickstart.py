@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from jobs import generate, train
+from jobs.specs import GenerateSpec, TrainSpec
 from sdm import storage
 from sdm.data.card import CARD_FILE, read_card
 from sdm.data.inspect import colourise
@@ -69,19 +70,18 @@ def main(argv: list[str] | None = None) -> int:
 
     # The tiny preset's EMA decay (0.995) would still hold 30% of the random initialisation after 240 steps:
     # the exported EMA weights of a run this short would draw noise. 0.98 averages over the last ~50 steps.
-    common = ["--preset", "tiny", "--data", data, "--num-workers", str(args.num_workers), "--log-every", "20",
-              "--batch-size", str(args.batch_size), "--set", "train.ema_decay=0.98"]
+    common = {"preset": "tiny", "data": data, "num_workers": args.num_workers, "log_every": 20,
+              "batch_size": args.batch_size, "overrides": ("train.ema_decay=0.98",)}
     _banner(f"2/6 pretraining on Ray Train ({args.num_workers} workers) -> {pre}")
-    if status := train.main([*common, "--run", pre, "--steps", str(args.pretrain_steps), "--checkpoint-every", "100"]):
+    if status := train.run(TrainSpec(run=pre, steps=args.pretrain_steps, checkpoint_every=100, **common)):
         return status
     _banner(f"3/6 fine-tuning with label dropout 0.2 -> {ft}")
-    if status := train.main([*common, "--run", ft, "--stage", "finetune", "--init-from", pre,
-                             "--steps", str(args.finetune_steps), "--checkpoint-every", "50"]):
+    if status := train.run(TrainSpec(run=ft, stage="finetune", init_from=pre, steps=args.finetune_steps,
+                                     checkpoint_every=50, **common)):
         return status
 
     _banner(f"4/6 bulk generation on Ray Data: {args.samples_per_label} images per validation label map -> {gen}")
-    if status := generate.main(["--model", ft, "--labels", data, "--split", "val", "--out", gen,
-                                "--samples-per-label", str(args.samples_per_label)]):
+    if status := generate.run(GenerateSpec(model=ft, labels=data, split="val", out=gen, samples_per_label=args.samples_per_label)):
         return status
 
     _banner(f"5/6 evaluation of the generated dataset against the real validation images -> {report}")

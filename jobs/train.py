@@ -21,6 +21,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from jobs.ray_setup import init_ray
+from jobs.specs import TrainSpec, from_namespace
 from jobs.train_data import check_dataset_fits, make_train_dataset
 from jobs.train_worker import train_worker
 from sdm import storage
@@ -29,12 +30,13 @@ from sdm.data.card import DatasetCard, read_card
 from sdm.errors import EXIT_FAILED, EXIT_REFUSED, SDMError
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> TrainSpec:
     p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", help="a named preset, e.g. tiny, ade20k")
     src.add_argument("--config", help="a YAML/JSON config file or URI (may name a `preset:` to override)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. train.lr=3e-4")
+    p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides, e.g. train.lr=3e-4")
     p.add_argument("--data", required=True, help="dataset URI (shards + dataset card)")
     p.add_argument("--run", required=True, help="run URI: checkpoints and the exported model go here")
     p.add_argument("--stage", choices=["pretrain", "finetune"], default="pretrain")
@@ -59,25 +61,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="delete an existing run at --run and start over")
     p.add_argument("--address", default=None, help="Ray address (default: the job's cluster, or a local one)")
-    args = p.parse_args(argv)
-    for name in ("data", "run", "init_from"):
-        if getattr(args, name):
-            setattr(args, name, storage.absolute(getattr(args, name)))
-    return args
+    return from_namespace(TrainSpec, p.parse_args(argv))
 
 
-def build_config(args: argparse.Namespace) -> SDMConfig:
+def build_config(args: TrainSpec) -> SDMConfig:
     if args.preset:
         cfg = get_preset(args.preset)
     else:
         cfg = SDMConfig.from_yaml(storage.read_bytes(args.config).decode())
-    overrides = list(args.set)
+    overrides = list(args.overrides)
     if args.activation_checkpointing:
         overrides.append("model.use_checkpoint=true")
     return cfg.with_overrides(overrides) if overrides else cfg
 
 
-def validate(args: argparse.Namespace, cfg: SDMConfig) -> None:
+def validate(args: TrainSpec, cfg: SDMConfig) -> None:
     """Refuse to start on inputs that cannot work, before any worker is scheduled."""
     for name in ("steps", "grad_accum", "num_workers", "checkpoint_every", "log_every", "keep"):
         if getattr(args, name) < 1:
@@ -99,7 +97,7 @@ def validate(args: argparse.Namespace, cfg: SDMConfig) -> None:
         raise SDMError(f"run URI {args.run} is unreachable: {e}") from None
 
 
-def run_config(args: argparse.Namespace) -> RunConfig:
+def run_config(args: TrainSpec) -> RunConfig:
     fs, path = storage.resolve(args.run)
     return RunConfig(
         name=os.path.basename(path.rstrip("/")),
@@ -110,13 +108,13 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     )
 
 
-def _start_ray(args: argparse.Namespace) -> None:
+def _start_ray(args: TrainSpec) -> None:
     """A local cluster leaves a CPU for Ray Data beside the training workers."""
     needed = int(args.num_workers * args.cpus_per_worker) + 1
     init_ray(args.address, num_cpus=max(os.cpu_count() or 1, needed), dashboard=True)
 
 
-def prepare(args: argparse.Namespace) -> tuple[SDMConfig, DatasetCard]:
+def prepare(args: TrainSpec) -> tuple[SDMConfig, DatasetCard]:
     """The config and dataset card, checked against each other and the URIs (raises SDMError)."""
     cfg = build_config(args)
     validate(args, cfg)
@@ -125,7 +123,7 @@ def prepare(args: argparse.Namespace) -> tuple[SDMConfig, DatasetCard]:
     return cfg, card
 
 
-def fit(args: argparse.Namespace, cfg: SDMConfig, card: DatasetCard) -> ray.train.Result:
+def fit(args: TrainSpec, cfg: SDMConfig, card: DatasetCard) -> ray.train.Result:
     """Run (or resume) the Ray Train job; raises when it fails after its allowed restarts."""
     if args.fresh and storage.exists(args.run):
         storage.delete(args.run)
@@ -141,7 +139,7 @@ def fit(args: argparse.Namespace, cfg: SDMConfig, card: DatasetCard) -> ray.trai
         _start_ray(args)
     loop_config = {
         "config": cfg.to_dict(),
-        "args": {k: v for k, v in vars(args).items() if k not in ("preset", "config", "set")},
+        "spec": args,
         "batch_size": batch,
         "has_instance": card.has_instance,
         "class_names": card.class_names,
@@ -165,7 +163,11 @@ def fit(args: argparse.Namespace, cfg: SDMConfig, card: DatasetCard) -> ray.trai
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    return run(parse_args(argv))
+
+
+def run(args: TrainSpec) -> int:
+    """Check, train (or resume), export; returns the exit status."""
     try:
         cfg, card = prepare(args)
     except SDMError as e:

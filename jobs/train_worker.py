@@ -14,6 +14,7 @@ import ray.train
 import ray.train.torch
 import torch
 
+from jobs.specs import TrainSpec
 from sdm import storage
 from sdm.checkpoint import (
     EMA_FILE,
@@ -111,12 +112,12 @@ def _collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
     return {k: torch.from_numpy(v) if v.dtype.kind in "biuf" else v for k, v in batch.items()}
 
 
-def _batches(shard: Any, a: dict[str, Any], batch_size: int, epoch: int, rank: int, skip: int) -> Iterator[dict[str, Any]]:
+def _batches(shard: Any, a: TrainSpec, batch_size: int, epoch: int, rank: int, skip: int) -> Iterator[dict[str, Any]]:
     """This worker's micro-batches for one epoch, reshuffled per epoch, after skipping those already trained on."""
     it = shard.iter_torch_batches(
         batch_size=batch_size,
-        local_shuffle_buffer_size=a["shuffle_buffer"] or None,
-        local_shuffle_seed=derive_seed(a["seed"], epoch, rank) % 2**31,
+        local_shuffle_buffer_size=a.shuffle_buffer or None,
+        local_shuffle_seed=derive_seed(a.seed, epoch, rank) % 2**31,
         drop_last=True,
         collate_fn=_collate,
     )
@@ -153,34 +154,34 @@ def train_worker(c: dict[str, Any]) -> None:
     """Ray Train entry point, run on every worker."""
     _quiet_report_log()
     cfg = SDMConfig.from_dict(c["config"])
-    a = c["args"]
+    a: TrainSpec = c["spec"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    torch.set_num_threads(max(1, int(a["cpus_per_worker"])))
-    torch.manual_seed(derive_seed(a["seed"], "init"))
+    torch.set_num_threads(max(1, int(a.cpus_per_worker)))
+    torch.manual_seed(derive_seed(a.seed, "init"))
 
     net = SDMUNet(cfg.model)
     ema = make_ema(net, cfg.train.ema_decay)
-    finetune = a["stage"] == "finetune"
-    lr = a["lr"] or (cfg.train.finetune_lr if finetune else cfg.train.lr)
-    drop_rate = (cfg.train.drop_rate if a["drop_rate"] is None else a["drop_rate"]) if finetune else 0.0
-    autocast_dtype, scaler = _autocast_and_scaler(a["precision"], device)
+    finetune = a.stage == "finetune"
+    lr = a.lr or (cfg.train.finetune_lr if finetune else cfg.train.lr)
+    drop_rate = (cfg.train.drop_rate if a.drop_rate is None else a.drop_rate) if finetune else 0.0
+    autocast_dtype, scaler = _autocast_and_scaler(a.precision, device)
 
-    progress = Progress(stage=a["stage"])
+    progress = Progress(stage=a.stage)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=cfg.train.weight_decay)
-    resumed = _resume(a["run"], net, ema, opt, scaler)
+    resumed = _resume(a.run, net, ema, opt, scaler)
     if resumed is not None:
         progress, path = resumed
         if rank == 0:
             print(f"resumed from {path} at step {progress.step}")
-    elif a["init_from"]:
-        _init_weights(net, ema, a["init_from"])
+    elif a.init_from:
+        _init_weights(net, ema, a.init_from)
     ema.to(device)
     model = ray.train.torch.prepare_model(net)
     diffusion = GaussianDiffusion.from_config(cfg.diffusion, cfg.model.learn_sigma)
     shard = ray.train.get_dataset_shard("train")
-    total, accum = a["steps"], a["grad_accum"]
+    total, accum = a.steps, a.grad_accum
     gen = torch.Generator()
     bad_in_row, kept, seen = 0, 0, 0
     start, done_before = time.perf_counter(), progress.step
@@ -191,11 +192,11 @@ def train_worker(c: dict[str, Any]) -> None:
         keys_seen: list[str] = []
         for batch in _batches(shard, a, c["batch_size"], progress.epoch, rank, progress.batches_in_epoch):
             micro.append(_to_inputs(batch, cfg, device, c["has_instance"]))
-            if a["audit_keys"]:
+            if a.audit_keys:
                 keys_seen.extend(str(k) for k in batch["key"])
             if len(micro) < accum:
                 continue
-            gen.manual_seed(derive_seed(a["seed"], rank, progress.step))  # the step's noise, reproducible on resume
+            gen.manual_seed(derive_seed(a.seed, rank, progress.step))  # the step's noise, reproducible on resume
             r = train_step(model, opt, diffusion, micro, cfg, drop_rate, gen, autocast_dtype, scaler)
             micro = []
             progress.batches_in_epoch += accum
@@ -203,7 +204,7 @@ def train_worker(c: dict[str, Any]) -> None:
                 bad_in_row += 1
                 if rank == 0:
                     print(f"warning: non-finite loss or gradient at step {progress.step + 1}; update skipped")
-                if bad_in_row >= a["max_bad_steps"]:
+                if bad_in_row >= a.max_bad_steps:
                     raise RuntimeError(
                         f"{bad_in_row} non-finite steps in a row at step {progress.step + 1}; stopping. "
                         "The last good checkpoint is kept."
@@ -215,7 +216,7 @@ def train_worker(c: dict[str, Any]) -> None:
             kept, seen = kept + r.kept_labels, seen + r.images
             window_images += r.images * world
             last = progress.step == total
-            if progress.step % a["log_every"] == 0 or last:
+            if progress.step % a.log_every == 0 or last:
                 ips = window_images / (time.perf_counter() - window_start)
                 window_start, window_images = time.perf_counter(), 0
                 metrics = {
@@ -226,19 +227,19 @@ def train_worker(c: dict[str, Any]) -> None:
                 if rank == 0:
                     dropped = metrics["label_drop_fraction"] if finetune else None
                     print(_log_line(progress.step, total, r, lr, ips, time.perf_counter() - start, done_before, dropped), flush=True)
-                _report(metrics, progress, net, ema, opt, scaler, cfg, rank, save=progress.step % a["checkpoint_every"] == 0 or last)
-            elif progress.step % a["checkpoint_every"] == 0:
+                _report(metrics, progress, net, ema, opt, scaler, cfg, rank, save=progress.step % a.checkpoint_every == 0 or last)
+            elif progress.step % a.checkpoint_every == 0:
                 _report({"step": progress.step, "loss": r.loss}, progress, net, ema, opt, scaler, cfg, rank, save=True)
             if last:
                 break
-        if a["audit_keys"]:
-            _write_keys(a["run"], rank, progress.epoch, keys_seen)
+        if a.audit_keys:
+            _write_keys(a.run, rank, progress.epoch, keys_seen)
         if progress.step < total:
             progress.epoch += 1
             progress.batches_in_epoch = 0
 
     if rank == 0:  # the final EMA weights, in the pipeline's format, with the dataset's class names and palette
-        model_uri = storage.join(a["run"], RUN_MODEL_DIR)
+        model_uri = storage.join(a.run, RUN_MODEL_DIR)
         save_classes(model_uri, c["class_names"], c["palette"])
         save_model(model_uri, ema.module, cfg, metadata={"step": str(progress.step), "stage": progress.stage})
 

@@ -1,0 +1,94 @@
+"""What each job is asked to do, as typed objects: the CLIs build them, the quick start builds them in code, and
+the Ray workers receive them instead of untyped argument dicts. Local URIs are made absolute on construction,
+because Ray Train runs its workers in their own trial directories."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from sdm import storage
+from sdm.sampling import DEFAULT_MICRO_BATCH
+
+Spec = TypeVar("Spec")
+
+
+def _absolute(spec: Any, *names: str) -> None:
+    for name in names:
+        if getattr(spec, name):
+            object.__setattr__(spec, name, storage.absolute(getattr(spec, name)))
+
+
+def from_namespace(cls: type[Spec], args: argparse.Namespace) -> Spec:
+    """A spec from parsed arguments whose destinations are its field names."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """A training run: pretraining, or fine-tuning with label dropout from `init_from`."""
+
+    data: str
+    run: str
+    steps: int  # optimizer steps in total for this run
+    preset: str | None = None
+    config: str | None = None  # a YAML/JSON config URI, instead of a preset
+    overrides: tuple[str, ...] = ()  # section.key=value
+    stage: str = "pretrain"
+    init_from: str | None = None
+    batch_size: int | None = None  # per worker; default: the config's
+    grad_accum: int = 1
+    lr: float | None = None
+    drop_rate: float | None = None
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    precision: str = "auto"
+    activation_checkpointing: bool = False
+    checkpoint_every: int = 500
+    keep: int = 3
+    log_every: int = 20
+    max_failures: int = 3
+    max_bad_steps: int = 5
+    shuffle_buffer: int = 256
+    audit_keys: bool = False
+    seed: int = 0
+    fresh: bool = False
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "overrides", tuple(self.overrides))
+        _absolute(self, "data", "run", "init_from")
+
+
+@dataclass(frozen=True)
+class GenerateSpec:
+    """A bulk generation: label maps in, a generated dataset out."""
+
+    model: str
+    labels: str
+    out: str
+    instances: str | None = None
+    split: str | None = None
+    format: str = "shards"
+    samples_per_label: int = 1
+    guidance: float | None = None
+    sampler: str | None = None
+    steps: int | None = None  # sampling steps; default: the model's
+    eta: float | None = None
+    seed: int = 0
+    batch_size: int = 16
+    micro_batch: int = DEFAULT_MICRO_BATCH
+    precision: str = "auto"
+    shard_rows: int = 256
+    max_aspect_change: float = 0.05
+    num_gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    concurrency: int | tuple[int, int] = 1
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        _absolute(self, "model", "labels", "instances", "out")  # the actors read and write them
