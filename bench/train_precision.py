@@ -18,19 +18,20 @@ import torch
 
 from sample_speed import device_name, scaled_model, synchronize
 from sdm.config import SDMConfig, get_preset
+from sdm.device import training_precision
 from sdm.diffusion import GaussianDiffusion
 from sdm.testing import blocky_batches
 from sdm.training import train_step
 from sdm.unet import SDMUNet, count_parameters
 
-PRECISIONS = {"fp32": (None, False), "bf16": (torch.bfloat16, False), "fp16+scaler": (torch.float16, True)}
+PRECISIONS = {"fp32": "fp32", "bf16": "bf16", "fp16+scaler": "fp16"}  # row name -> the training precision policy's name
 
 
-def run(cfg: SDMConfig, batches, steps: int, warmup: int, dtype, use_scaler: bool, device: torch.device) -> dict:
+def run(cfg: SDMConfig, batches, steps: int, warmup: int, precision: str, device: torch.device) -> dict:
     torch.manual_seed(0)
     net = SDMUNet(cfg.model).to(device).train()
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.train.lr)
-    scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+    dtype, scaler = training_precision(device, precision)
     diffusion = GaussianDiffusion.from_config(cfg.diffusion, cfg.model.learn_sigma)
     gen = torch.Generator().manual_seed(0)
     losses, skipped, start = [], 0, 0.0
@@ -75,8 +76,8 @@ def main() -> None:
     )
     print(f"{'precision':<13}{'images/s':>10}{'loss start':>12}{'loss end':>10}{'skipped':>9}")
     results = {}
-    for name, (dtype, use_scaler) in PRECISIONS.items():
-        r = results[name] = run(cfg, batches, args.steps, args.warmup, dtype, use_scaler, device)
+    for name, precision in PRECISIONS.items():
+        r = results[name] = run(cfg, batches, args.steps, args.warmup, precision, device)
         print(f"{name:<13}{r['img/s']:>10.2f}{r['start']:>12.4f}{r['end']:>10.4f}{r['skipped']:>9d}")
     print()
     for name in ("bf16", "fp16+scaler"):

@@ -31,6 +31,7 @@ from sdm.checkpoint import (
 )
 from sdm.config import SDMConfig
 from sdm.diffusion import GaussianDiffusion
+from sdm.device import training_precision
 from sdm.errors import CheckpointError, StorageError
 from sdm.labels import encode_raw_labels
 from sdm.sampling import derive_seed
@@ -80,19 +81,6 @@ def _resume(run_uri: str, net: SDMUNet, ema: torch.nn.Module, opt: torch.optim.O
         except CheckpointError as e:
             print(f"skipping an unreadable checkpoint: {e}")
     return None
-
-
-def _autocast_and_scaler(precision: str, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
-    """bf16 autocast on GPUs that have it, fp16 with a grad scaler on those that don't, fp32 on CPUs."""
-    if precision == "auto":
-        if device.type != "cuda":
-            return None, None
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if precision == "bf16":
-        return torch.bfloat16, None
-    if precision == "fp16":
-        return torch.float16, torch.amp.GradScaler(device.type)
-    return None, None
 
 
 def _init_weights(net: SDMUNet, ema: torch.nn.Module, uri: str) -> None:
@@ -166,7 +154,7 @@ def train_worker(c: dict[str, Any]) -> None:
     finetune = a.stage == "finetune"
     lr = a.lr or (cfg.train.finetune_lr if finetune else cfg.train.lr)
     drop_rate = (cfg.train.drop_rate if a.drop_rate is None else a.drop_rate) if finetune else 0.0
-    autocast_dtype, scaler = _autocast_and_scaler(a.precision, device)
+    autocast_dtype, scaler = training_precision(device, a.precision)
 
     progress = Progress(stage=a.stage)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=cfg.train.weight_decay)
