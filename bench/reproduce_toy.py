@@ -148,23 +148,23 @@ def main(argv: list[str] | None = None) -> int:
     for structure in ("spade", "concat"):
         for g in (1.0, args.guidance):
             run("table4", f"{'SDM (SPADE)' if structure == 'spade' else 'concat'}, s={g:g}", structure, g,
-                default.sampler, default.steps, args.val_maps, args.k)
+                default.sampler, default.num_inference_steps, args.val_maps, args.k)
     for g in (1.0, 1.5, 2.0, 3.0):
         done = next((r for r in results["table4"] if r["structure"] == "spade" and r["guidance"] == g), None)
         if done is not None:
             results["guidance_sweep"].append({**done, "row": f"s={g:g}"})
         else:
-            run("guidance_sweep", f"s={g:g}", "spade", g, default.sampler, default.steps, args.val_maps, args.k)
+            run("guidance_sweep", f"s={g:g}", "spade", g, default.sampler, default.num_inference_steps, args.val_maps, args.k)
 
     results["real_val_segmenter"] = {"mIoU": real_cm.miou(), "images": len(val),
                                      "per_class_iou": [float(v) for v in real_cm.iou()]}
     results["settings"] = {k: v for k, v in vars(args).items()}
-    results["settings"]["table_sampler"] = f"{default.sampler} {default.steps} steps"
+    results["settings"]["table_sampler"] = f"{default.sampler} {default.num_inference_steps} steps"
     text = "\n\n".join([
         f"built-in segmenter mIoU on the real validation images: {real_cm.miou():.4f} ({len(val)} images)",
-        table(f"Table 4 (toy): {args.val_maps} val label maps x {args.k} samples, {default.sampler} {default.steps} steps",
+        table(f"Table 4 (toy): {args.val_maps} val label maps x {args.k} samples, {default.sampler} {default.num_inference_steps} steps",
               [(r["row"], r) for r in results["table4"]]),
-        table(f"Guidance sweep, SDM (SPADE), {default.sampler} {default.steps} steps", [(r["row"], r) for r in results["guidance_sweep"]]),
+        table(f"Guidance sweep, SDM (SPADE), {default.sampler} {default.num_inference_steps} steps", [(r["row"], r) for r in results["guidance_sweep"]]),
     ])
     print("\n" + text)
     storage.write_bytes(storage.join(args.out, "results.json"), json.dumps(results, indent=1).encode())

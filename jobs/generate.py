@@ -133,7 +133,7 @@ def _base_card(source: LabelSource, cfg: SDMConfig, args: GenerateSpec, settings
 def plan_job(args: GenerateSpec) -> Plan:
     """Everything that can refuse the job, checked before any worker starts."""
     _, cfg = checkpoint.load_model(args.model)  # the weights must load and fit their config
-    params = SamplingParams.resolve(cfg.sampling, cfg.diffusion.steps, args.guidance, args.steps, args.sampler, args.eta)
+    params = SamplingParams.resolve(cfg.sampling, cfg.diffusion.num_timesteps, args.guidance, args.steps, args.sampler, args.eta)
     _check_numbers(args)
     settings = GenerationSettings(
         model_id=checkpoint.model_id(args.model), sampler=params.sampler, steps=params.num_inference_steps,

@@ -78,13 +78,13 @@ class ModelConfig:
 class DiffusionConfig:
     """The forward process and the training loss."""
 
-    steps: int = 1000
+    num_timesteps: int = 1000  # T, the diffusion process's length (not the sampling steps)
     schedule: Schedule = "linear"
     lambda_vlb: float = 0.001
 
     def validate(self) -> None:
-        if self.steps < 1:
-            raise ConfigError(f"diffusion.steps must be >= 1, got {self.steps}")
+        if self.num_timesteps < 1:
+            raise ConfigError(f"diffusion.num_timesteps must be >= 1, got {self.num_timesteps}")
         if self.schedule not in ("linear", "cosine"):
             raise ConfigError(f"diffusion.schedule must be 'linear' or 'cosine', got {self.schedule!r}")
 
@@ -118,7 +118,7 @@ class SamplingConfig:
 
     guidance_scale: float = 1.5
     sampler: str = "ddim"
-    steps: int = 50
+    num_inference_steps: int = 50
     eta: float = 1.0
 
     def validate(self, num_timesteps: int) -> None:
@@ -157,7 +157,7 @@ class SDMConfig:
     def validate(self) -> "SDMConfig":
         self.model.validate()
         self.diffusion.validate()
-        self.sampling.validate(self.diffusion.steps)
+        self.sampling.validate(self.diffusion.num_timesteps)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -171,6 +171,7 @@ class SDMConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SDMConfig":
+        d = _renamed(d)
         try:
             return cls(
                 name=str(d["name"]),
@@ -211,7 +212,8 @@ class SDMConfig:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form section.key=value")
             path, raw = item.split("=", 1)
-            keys = path.strip().split(".")
+            path = _LEGACY_PATHS.get(path.strip(), path.strip())
+            keys = path.split(".")
             node = d
             for k in keys[:-1]:
                 if not isinstance(node.get(k), dict):
@@ -221,6 +223,23 @@ class SDMConfig:
                 raise ConfigError(f"override {item!r}: unknown key {path!r}")
             node[keys[-1]] = _parse_value(raw)
         return SDMConfig.from_dict(d)
+
+
+# Keys stored by earlier versions: both were called `steps`, a name that also meant optimizer steps.
+_LEGACY_PATHS = {"diffusion.steps": "diffusion.num_timesteps", "sampling.steps": "sampling.num_inference_steps"}
+
+
+def _renamed(d: dict[str, Any]) -> dict[str, Any]:
+    """A config dict with legacy keys under their current names (a stored config keeps loading)."""
+    out = dict(d)
+    for old, new in _LEGACY_PATHS.items():
+        section, key = old.split(".")
+        _, new_key = new.split(".")
+        if isinstance(out.get(section), dict) and key in out[section] and new_key not in out[section]:
+            sec = dict(out[section])
+            sec[new_key] = sec.pop(key)
+            out[section] = sec
+    return out
 
 
 def _parse_value(raw: str) -> Any:
@@ -299,9 +318,9 @@ _PRESETS: dict[str, SDMConfig] = {
             spade_hidden=32,
             norm_groups=8,
         ),
-        diffusion=DiffusionConfig(steps=1000, schedule="linear"),
+        diffusion=DiffusionConfig(num_timesteps=1000, schedule="linear"),
         data=DataConfig(dataset="toy"),
-        sampling=SamplingConfig(guidance_scale=1.5, sampler="ddim", eta=1.0, steps=25),
+        sampling=SamplingConfig(guidance_scale=1.5, sampler="ddim", eta=1.0, num_inference_steps=25),
         train=TrainConfig(lr=1e-3, finetune_lr=3e-4, batch_size=16, ema_decay=0.995),
     ),
 }

@@ -109,7 +109,7 @@ class GaussianDiffusion:
 
     @classmethod
     def from_config(cls, cfg: DiffusionConfig, learn_sigma: bool) -> "GaussianDiffusion":
-        return cls(beta_schedule(cfg.schedule, cfg.steps), learn_sigma=learn_sigma)
+        return cls(beta_schedule(cfg.schedule, cfg.num_timesteps), learn_sigma=learn_sigma)
 
     def respaced(self, keep: list[int] | np.ndarray) -> "GaussianDiffusion":
         """A process over a subset of steps with the same alphas_cumprod at the kept steps."""

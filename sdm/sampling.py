@@ -57,7 +57,7 @@ class SamplingParams:
         """Unset fields from the model's defaults; InvalidInputError names the first bad field."""
         params = cls(
             guidance_scale=defaults.guidance_scale if guidance_scale is None else guidance_scale,
-            num_inference_steps=defaults.steps if num_inference_steps is None else num_inference_steps,
+            num_inference_steps=defaults.num_inference_steps if num_inference_steps is None else num_inference_steps,
             sampler=defaults.sampler if sampler is None else sampler,
             eta=defaults.eta if eta is None else eta,
         )

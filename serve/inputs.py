@@ -69,7 +69,7 @@ class ModelInfo:
             instance_edges=m.instance_edges,
             data=config.data,
             defaults=config.sampling,
-            max_steps=min(limits.max_steps, config.diffusion.steps),
+            max_steps=min(limits.max_steps, config.diffusion.num_timesteps),
         )
 
     def to_json(self, limits: Limits) -> dict[str, Any]:
@@ -82,7 +82,7 @@ class ModelInfo:
             "instance_map": self.instance_edges,
             "defaults": {
                 "guidance_scale": self.defaults.guidance_scale,
-                "steps": self.defaults.steps,
+                "steps": self.defaults.num_inference_steps,
                 "sampler": self.defaults.sampler,
             },
             "samplers": list(SAMPLERS),
@@ -149,7 +149,7 @@ async def parse_job(kind: str, request: Request, body: bytes, info: ModelInfo, l
         label=label,
         instance=instance,
         guidance_scale=_guidance(fields.get("guidance_scale", info.defaults.guidance_scale)),
-        steps=_integer("steps", fields.get("steps", info.defaults.steps), 1, info.max_steps),
+        steps=_integer("steps", fields.get("steps", info.defaults.num_inference_steps), 1, info.max_steps),
         sampler=_sampler(fields.get("sampler", info.defaults.sampler)),
         seed=_integer("seed", fields["seed"], 0, 2**63 - 1) if "seed" in fields else secrets.randbits(63),
         num_samples=_integer("num_samples", fields.get("num_samples", 1), 1, limits.max_samples),

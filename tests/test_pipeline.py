@@ -216,3 +216,15 @@ def test_edit_keeps_unmasked_pixels_and_regenerates_the_mask(pipe):
     assert np.array_equal(out, pipe.edit(image, mask, _label(), num_steps=4, seed=5, num_samples=2))
     with pytest.raises(InvalidInputError, match="must both match the label map size"):
         pipe.edit(image[:16], mask, _label(), num_steps=1)
+
+
+def test_configs_stored_with_the_old_step_names_still_load():
+    """Earlier configs called both the diffusion length and the sampling steps `steps`."""
+    d = json.loads(get_preset("tiny").to_json())
+    d["diffusion"]["steps"] = d["diffusion"].pop("num_timesteps")
+    d["sampling"]["steps"] = d["sampling"].pop("num_inference_steps")
+    assert SDMConfig.from_dict(d) == get_preset("tiny")
+    cfg = get_preset("tiny").with_overrides(["sampling.steps=40", "diffusion.steps=500"])
+    assert (cfg.sampling.num_inference_steps, cfg.diffusion.num_timesteps) == (40, 500)
+    with pytest.raises(ConfigError, match="sampling steps must be an integer in \\[1, 500\\], got 600"):
+        get_preset("tiny").with_overrides(["diffusion.num_timesteps=500", "sampling.num_inference_steps=600"])
