@@ -161,5 +161,8 @@ def test_one_resize_policy_for_inputs_of_a_model():
     assert np.array_equal(fit_to_model(ids[:, :64], (32, 32), "m"), ids[:64:2, :64:2])
     image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     assert fit_to_model(image, (32, 32), "image").shape == (32, 32, 3)
+    wide = np.arange(128 * 256).reshape(128, 256)  # (height, width) everywhere: a Cityscapes-shaped model
+    assert np.array_equal(fit_to_model(wide, (64, 128), "m"), wide[::2, ::2])
+    assert fit_to_model(np.zeros((128, 256, 3), np.uint8), (64, 128), "image").shape == (64, 128, 3)
     with pytest.raises(InvalidInputError, match=r"label map 'x' is 48x32 but the model takes 32x32: .* by 50% \(limit 5%\)"):
         fit_to_model(np.zeros((32, 48), np.int64), (32, 32), "label map 'x'")

@@ -18,19 +18,20 @@ MAX_ASPECT_CHANGE = 0.05  # a map this close to the model's aspect ratio is resi
 
 
 def _resize_ids(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of an id map to (width, height), exact for any id range."""
+    """Nearest-neighbour resize of an id map to size = (height, width), exact for any id range."""
     h, w = arr.shape
-    if (w, h) == size:
+    if (h, w) == tuple(size):
         return arr
-    rows = (np.arange(size[1]) * h // size[1]).clip(0, h - 1)
-    cols = (np.arange(size[0]) * w // size[0]).clip(0, w - 1)
+    rows = (np.arange(size[0]) * h // size[0]).clip(0, h - 1)
+    cols = (np.arange(size[1]) * w // size[1]).clip(0, w - 1)
     return arr[rows[:, None], cols[None, :]]
 
 
 def _resize_image(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    if (arr.shape[1], arr.shape[0]) == size:
+    """Bicubic resize of an HxWx3 image to size = (height, width)."""
+    if arr.shape[:2] == tuple(size):
         return arr
-    return np.array(Image.fromarray(arr).resize(size, resample=Image.BICUBIC))
+    return np.array(Image.fromarray(arr).resize((size[1], size[0]), resample=Image.BICUBIC))
 
 
 def fit_to_model(arr: np.ndarray, size: tuple[int, int], what: str, max_aspect_change: float = MAX_ASPECT_CHANGE) -> np.ndarray:
@@ -44,11 +45,12 @@ def fit_to_model(arr: np.ndarray, size: tuple[int, int], what: str, max_aspect_c
             f"{what} is {w}x{h} but the model takes {tw}x{th}: resizing would change the aspect ratio by "
             f"{change:.0%} (limit {max_aspect_change:.0%}); crop it first"
         )
-    return _resize_image(arr, (tw, th)) if arr.ndim == 3 else _resize_ids(arr, (tw, th))
+    return _resize_image(arr, size) if arr.ndim == 3 else _resize_ids(arr, size)
 
 
 def resize_sample(sample: dict[str, Any], size: tuple[int, int]) -> dict[str, Any]:
-    """Resize image (when present), label and instance map to size = (width, height)."""
+    """Resize image (when present), label and instance map to size = (height, width), the order of every size in
+    this project (ModelConfig.image_size, evaluation sizes); only PIL's own calls take (width, height)."""
     out = dict(sample)
     if sample.get("image") is not None:
         out["image"] = _resize_image(sample["image"], size)
@@ -93,10 +95,10 @@ def preprocess_train(sample: dict[str, Any], model: ModelConfig, data: DataConfi
         h, w = sample["label"].shape
         scale = max(th / h, tw / w)
         nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
-        sample = resize_sample(sample, (nw, nh))
+        sample = resize_sample(sample, (nh, nw))
         sample = _crop(sample, int(rng.integers(0, nh - th + 1)), int(rng.integers(0, nw - tw + 1)), th, tw)
     else:
-        sample = resize_sample(sample, (tw, th))
+        sample = resize_sample(sample, (th, tw))
     if data.random_flip and rng.random() < 0.5:
         sample = _flip(sample)
     return _finish(sample)
@@ -106,4 +108,4 @@ def preprocess_eval(sample: dict[str, Any], model: ModelConfig) -> dict[str, Any
     """Evaluation/generation view: resized to the model's size, no augmentation; a label-only sample
     (image None, as in generation from label maps) is fine."""
     th, tw = model.image_size
-    return _finish(resize_sample(sample, (tw, th)))
+    return _finish(resize_sample(sample, (th, tw)))

@@ -103,7 +103,7 @@ def _iter_items(s: ImageSet) -> Iterator[tuple[str, str, np.ndarray, np.ndarray 
 
 def resize_item(image: np.ndarray, label: np.ndarray | None, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
     """To the evaluation size (height, width): images bicubic, label maps nearest."""
-    out = resize_sample({"image": image, "label": label if label is not None else np.zeros(image.shape[:2], np.int64)}, (size[1], size[0]))
+    out = resize_sample({"image": image, "label": label if label is not None else np.zeros(image.shape[:2], np.int64)}, size)
     return out["image"], out["label"] if label is not None else None
 
 

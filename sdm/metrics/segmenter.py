@@ -186,7 +186,7 @@ def segment_scores(segmenter: Segmenter, images: np.ndarray, labels: np.ndarray,
 
 
 def _load_split(uri: str, split: str, size: tuple[int, int], limit: int | None) -> tuple[np.ndarray, np.ndarray]:
-    samples = [resize_sample(s, (size[1], size[0])) for s in islice(iter_samples(uri, split=split), limit)]
+    samples = [resize_sample(s, size) for s in islice(iter_samples(uri, split=split), limit)]
     if not samples:
         raise InvalidInputError(f"dataset {uri} has no samples in split {split!r} to train a segmenter on")
     return np.stack([s["image"] for s in samples]), np.stack([s["label"] for s in samples])
