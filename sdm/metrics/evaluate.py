@@ -265,11 +265,11 @@ def _num(v: float) -> float | None:
 def summary(results: dict) -> str:
     """The lines a command prints at the end."""
     lines = []
-    for metric in results["metrics"].values():
-        if metric["name"] == "mIoU":
+    for key, metric in results["metrics"].items():
+        if key == "miou":
             real = f" (real images: {metric['real']:.4f})" if metric["real"] is not None else ""
             lines.append(f"  mIoU ({metric['segmenter']}): {metric['generated']:.4f}{real}")
-        elif metric["name"] == SpectrumFeatures().metric_name:
+        elif key == "spectrum":
             lines.append(f"  {metric['name']}: {metric['value']:.2f}; texture {metric['texture_generated']:.1f} "
                          f"(real images: {metric['texture_real']:.1f}, ratio {metric['texture_ratio']:.2f}); "
                          f"high-frequency power x{metric['high_frequency_ratio']:.2f} of real")
