@@ -17,7 +17,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
@@ -33,6 +34,8 @@ logger = logging.getLogger("ray.serve")
 PAGE = Path(__file__).parent / "static" / "index.html"
 ROUTES = {"/": "GET", "/healthz": "GET", "/v1/model": "GET", "/v1/generate": "POST", "/v1/edit": "POST"}
 TOKEN_ENV = "SDM_SERVE_TOKEN"
+# What a call to the model deployment raises when the replica serving it died or is being replaced.
+REPLICA_LOST = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
 
 
 class AppArgs(BaseModel):
@@ -160,7 +163,7 @@ class SDMApi:
         except BackPressureError:  # alive but at capacity: not a reason to take this node out of service
             return JSONResponse({"status": "ok", "model": self.info.preset, "busy": True})
         except Exception as e:
-            raise ApiError(503, "model_unavailable", f"the model deployment does not answer: {_cause(e)}") from None
+            raise _unavailable(e) from None
         return JSONResponse({"status": "ok", "model": preset})
 
     async def _run(self, job: Job) -> Output:
@@ -172,6 +175,13 @@ class SDMApi:
             raise ApiError(503, "queue_timeout", _cause(e), {"Retry-After": "1"}) from None
         except InvalidInputError as e:
             raise ApiError(400, "invalid_input", _cause(e)) from None
+        except REPLICA_LOST as e:
+            raise _unavailable(e) from None
+
+
+def _unavailable(e: Exception) -> ApiError:
+    """The answer while no model replica can take a request (one died mid-request, or all are restarting)."""
+    return ApiError(503, "model_unavailable", f"the model deployment does not answer: {_cause(e)}", {"Retry-After": "2"})
 
 
 def _app_path(request: Request) -> str:
