@@ -6,6 +6,7 @@ Two deployments: SDMApi (HTTP ingress on CPU: auth, validation, PNG encoding, me
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import logging
@@ -58,6 +59,7 @@ class AppArgs(BaseModel):
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     batch_wait_under_load_s: float = Field(0.05, ge=0)
     max_queue_wait_s: float = Field(30.0, gt=0)
+    request_timeout_s: float = Field(600.0, gt=0)
     api_replicas: int = Field(1, ge=1)
     auth_token: str | None = None
     max_body_bytes: int = Field(Limits.max_body_bytes, ge=1024)
@@ -91,12 +93,15 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
     api = serve.deployment(
         name="SDMApi", num_replicas=a.api_replicas, ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=1000
     )(SDMApi)
-    return api.bind(model, a.model_uri, limits, token)
+    return api.bind(model, a.model_uri, limits, token, a.request_timeout_s)
 
 
 class SDMApi:
-    def __init__(self, model: DeploymentHandle, model_uri: str, limits: Limits, auth_token: str | None):
+    def __init__(
+        self, model: DeploymentHandle, model_uri: str, limits: Limits, auth_token: str | None, request_timeout_s: float
+    ):
         self.model = model
+        self.request_timeout_s = request_timeout_s
         self.limits = limits
         self.info = ModelInfo.from_uri(model_uri, limits)
         self.token = auth_token
@@ -121,8 +126,10 @@ class SDMApi:
     async def _dispatch(self, request: Request, path: str, start: float) -> Response:
         if path not in ROUTES:
             raise ApiError(404, "not_found", f"no route {path}; routes: {', '.join(ROUTES)}")
-        if request.method != ROUTES[path]:
-            raise ApiError(405, "method_not_allowed", f"{path} takes {ROUTES[path]}, not {request.method}")
+        allowed = ROUTES[path]
+        if request.method != allowed and not (request.method == "HEAD" and allowed == "GET"):
+            allow = "GET, HEAD" if allowed == "GET" else allowed
+            raise ApiError(405, "method_not_allowed", f"{path} takes {allow}, not {request.method}", {"Allow": allow})
         if path.startswith("/v1/"):
             self._authorize(request)
         if path == "/":
@@ -153,8 +160,8 @@ class SDMApi:
     def _authorize(self, request: Request) -> None:
         if self.token is None:
             return
-        given = request.headers.get("authorization", "")
-        if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), self.token.encode())):
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if not (scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.token.encode())):
             raise ApiError(401, "unauthorized", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
 
     async def _healthz(self) -> Response:
@@ -167,8 +174,17 @@ class SDMApi:
         return JSONResponse({"status": "ok", "model": preset})
 
     async def _run(self, job: Job) -> Output:
+        response = self.model.run.remote(job)
         try:
-            return await self.model.run.remote(job)
+            return await asyncio.wait_for(response, self.request_timeout_s)
+        except asyncio.CancelledError:  # the client went away: free its place in the queue, or stop its sampling
+            response.cancel()
+            raise
+        except TimeoutError:
+            response.cancel()
+            raise ApiError(
+                504, "timeout", f"no result within the request timeout of {self.request_timeout_s:g}s; the request was cancelled"
+            ) from None
         except BackPressureError as e:
             raise ApiError(503, "overloaded", f"the model is at capacity, retry later ({e})", {"Retry-After": "1"}) from None
         except QueueTimeout as e:

@@ -7,6 +7,8 @@ import binascii
 import io
 import json
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,12 +140,14 @@ async def parse_job(kind: str, request: Request, body: bytes, info: ModelInfo, l
         raise ApiError(400, "missing_field", f"missing required field(s): {', '.join(missing)}")
     files = {f: _file_bytes(f, fields[f]) for f in FILES[kind] if f in fields}
 
-    label = _label_ids(_open(files["label"], "label", limits), info)
+    with _reading("label"):
+        label = _label_ids(_open(files["label"], "label", limits), info)
     instance = None
     if "instance" in files:
         if not info.instance_edges:
             raise ApiError(400, "unexpected_field", "instance: this model takes no instance map")
-        instance = _fit(_ids(_open(files["instance"], "instance", limits), "instance"), "instance", info.size)
+        with _reading("instance"):
+            instance = _fit(_ids(_open(files["instance"], "instance", limits), "instance"), "instance", info.size)
     job = Job(
         kind=kind,
         label=label,
@@ -155,13 +159,26 @@ async def parse_job(kind: str, request: Request, body: bytes, info: ModelInfo, l
         num_samples=_integer("num_samples", fields.get("num_samples", 1), 1, limits.max_samples),
     )
     if kind == "edit":
-        image = _open(files["image"], "image", limits, formats=("PNG", "JPEG"))
-        job.image = _fit(np.array(image.convert("RGB")), "image", info.size)
-        mask = _fit(np.array(_open(files["mask"], "mask", limits).convert("L")), "mask", info.size)
+        with _reading("image"):
+            image = _open(files["image"], "image", limits, formats=("PNG", "JPEG"))
+            job.image = _fit(np.array(image.convert("RGB")), "image", info.size)
+        with _reading("mask"):
+            mask = _fit(np.array(_open(files["mask"], "mask", limits).convert("L")), "mask", info.size)
         if not mask.any():
             raise ApiError(400, "empty_mask", "mask: selects no pixels to regenerate (nonzero = regenerate)")
         job.mask = mask
     return job
+
+
+@contextmanager
+def _reading(field: str) -> Iterator[None]:
+    """Turning an untrusted file into arrays: whatever fails there is a 400 naming the field, never a 500."""
+    try:
+        yield
+    except ApiError:
+        raise
+    except Exception as e:
+        raise ApiError(400, "invalid_image", f"{field}: cannot be read ({type(e).__name__}: {e})") from None
 
 
 async def _fields(kind: str, request: Request, body: bytes) -> dict[str, Any]:
@@ -171,6 +188,8 @@ async def _fields(kind: str, request: Request, body: bytes) -> dict[str, Any]:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
             raise ApiError(400, "invalid_json", f"body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ApiError(400, "invalid_json", "body is nested too deeply to parse") from None
         if not isinstance(data, dict):
             raise ApiError(400, "invalid_json", "JSON body must be an object")
         return data
@@ -183,7 +202,10 @@ async def _fields(kind: str, request: Request, body: bytes) -> dict[str, Any]:
             form = await Request(request.scope, replay).form(max_files=len(FILES[kind]), max_fields=len(PARAMS))
         except Exception as e:  # starlette/python-multipart raise several types for malformed bodies
             raise ApiError(400, "invalid_form", f"cannot parse the multipart body: {e}") from None
-        return {k: v for k, v in form.multi_items()}
+        try:  # uploads as bytes, and their spooled temporary files closed now rather than whenever collected
+            return {k: await v.read() if isinstance(v, UploadFile) else v for k, v in form.multi_items()}
+        finally:
+            await form.close()
     raise ApiError(
         415, "unsupported_media_type", f"content type {ctype or '(none)'!r}: send multipart/form-data or application/json"
     )
@@ -191,28 +213,30 @@ async def _fields(kind: str, request: Request, body: bytes) -> dict[str, Any]:
 
 def _file_bytes(field: str, value: Any) -> bytes:
     """An uploaded file's bytes, or a JSON base64 string (a data: URL prefix is allowed)."""
-    if isinstance(value, UploadFile):
-        return value.file.read()
+    if isinstance(value, bytes):
+        return value
     if not isinstance(value, str):
         raise ApiError(400, "invalid_field", f"{field}: expected a file upload or a base64 string")
     if value.startswith("data:"):
         value = value.split(",", 1)[-1]
-    try:
-        return base64.b64decode(value, validate=True)
+    try:  # MIME base64 is wrapped at 76 columns; whitespace is never part of the data
+        return base64.b64decode("".join(value.split()), validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(400, "invalid_base64", f"{field}: not valid base64") from None
 
 
 def _open(data: bytes, field: str, limits: Limits, formats: tuple[str, ...] = ("PNG",)) -> Image.Image:
-    """Decode an image, checking its declared size before decoding pixels (image bombs never decode)."""
+    """Decode an image with the decoders of the accepted formats only, checking its declared size before decoding
+    pixels (image bombs never decode). Whatever a decoder raises on crafted bytes is the sender's error."""
+    names = " or ".join(formats)
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=formats)  # JPEG includes MPO, the multi-picture JPEG of phones
     except Image.DecompressionBombError as e:
         raise ApiError(400, "image_too_large", f"{field}: {e}") from None
-    except (UnidentifiedImageError, OSError, ValueError):
-        raise ApiError(400, "invalid_image", f"{field}: not a {' or '.join(formats)} image") from None
-    if image.format not in formats:
-        raise ApiError(400, "invalid_image", f"{field}: expected {' or '.join(formats)}, got {image.format}")
+    except UnidentifiedImageError:
+        raise ApiError(400, "invalid_image", f"{field}: not a {names} image") from None
+    except Exception as e:  # a header parser failing on crafted bytes (e.g. a text chunk over the decompression limit)
+        raise ApiError(400, "invalid_image", f"{field}: unreadable {names} image ({e})") from None
     w, h = image.size
     if max(w, h) > limits.max_image_side:
         raise ApiError(

@@ -34,6 +34,7 @@ class ModelMetrics:
     images: Counter
     steps_per_second: Gauge
     load_time: Gauge
+    cancelled: Counter
 
     @classmethod
     def create(cls) -> "ModelMetrics":
@@ -45,4 +46,7 @@ class ModelMetrics:
                 "sdm_denoising_steps_per_s", "image denoising steps per second in the last batched call"
             ),
             load_time=Gauge("sdm_model_load_s", "seconds to load the model and run a first probe"),
+            cancelled=Counter(
+                "sdm_requests_cancelled", "requests whose caller went away (disconnect or timeout) before their images"
+            ),
         )

@@ -22,6 +22,10 @@ class QueueTimeout(SDMError):
     """A request waited for its batch longer than the queue bound."""
 
 
+class Abandoned(SDMError):
+    """Every request of a sampling group was cancelled while it sampled; the sampling stops."""
+
+
 @dataclass
 class Output:
     images: np.ndarray  # uint8 [num_samples, H, W, 3]
@@ -38,6 +42,7 @@ class _Pending:
     known: Known | None  # edit: the image to keep, per row
     seeds: list[int]
     enqueued: float
+    cancelled: bool = False  # its caller went away (client disconnect or request timeout)
 
 
 def _group_key(job: Job) -> tuple[str, str, int]:
@@ -83,7 +88,15 @@ class SDMModel:
 
     async def run(self, job: Job) -> Output:
         """Sample one request's images in whatever batch it joins; same job and seed, same images."""
-        out = await self._batched(self._prepare(job))
+        pending = self._prepare(job)
+        try:
+            out = await self._batched(pending)
+        except asyncio.CancelledError:
+            # Serve leaves a request cancelled before its batch starts out of the batch; one cancelled later is
+            # skipped before its group samples, and a group whose requests are all gone stops mid-sampling.
+            pending.cancelled = True
+            self.metrics.cancelled.inc()
+            raise
         if isinstance(out, Exception):
             raise out
         return out
@@ -113,9 +126,20 @@ class SDMModel:
             else:
                 groups.setdefault(_group_key(p.job), []).append(i)
         for idxs in groups.values():
+            for i in idxs:
+                if items[i].cancelled:
+                    results[i] = Abandoned("cancelled before its batch sampled")
+            idxs = [i for i in idxs if not items[i].cancelled]
             group = [items[i] for i in idxs]
+            if not group:
+                continue
             t0 = time.perf_counter()
-            images = await asyncio.to_thread(self._sample, group)
+            try:
+                images = await asyncio.to_thread(self._sample, group)
+            except Abandoned as e:
+                for i in idxs:
+                    results[i] = e
+                continue
             elapsed = time.perf_counter() - t0
             job = group[0].job
             self.metrics.batch_size.observe(len(group))
@@ -144,4 +168,11 @@ class SDMModel:
             params,
             guidance=[p.job.guidance_scale for p in group for _ in p.seeds],
             known=known,
+            progress=lambda done, total: _check_wanted(group),
         )
+
+
+def _check_wanted(group: list[_Pending]) -> None:
+    """Called between denoising steps: stop sampling once no request of the group is waiting for it."""
+    if all(p.cancelled for p in group):
+        raise Abandoned(f"all {len(group)} requests of the batch were cancelled")

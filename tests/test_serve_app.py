@@ -6,7 +6,9 @@ import base64
 import json
 import math
 import re
+import socket
 import struct
+import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -18,11 +20,13 @@ import torch
 
 from sdm.pipeline import SDMPipeline
 from sdm.sampling import derive_seed
+from hostile_corpus import load_corpus, multipart
 from serve_helpers import PALETTE, deploy, label_map, png, random_tiny_model, read_png, serve_cluster
 
 pytestmark = pytest.mark.ray
 
 STEPS = 4
+STEPS_SLOW = 100  # long enough that requests queue behind it
 LIMIT = 1024 * 1024
 
 
@@ -202,6 +206,30 @@ def test_more_bad_requests_get_4xx_json_errors_and_the_app_stays_healthy(url):
     assert generate(url).status_code == 200
 
 
+def test_the_regression_corpus_through_the_http_proxy_gets_its_answers(url):
+    corpus = load_corpus()
+    for entry in corpus:
+        r = requests.post(f"{url}{entry.path}", data=entry.body, headers={"content-type": entry.content_type}, timeout=120)
+        if entry.code is None:
+            assert r.status_code == 200 and r.headers["content-type"] == "image/png", (entry.name, r.text[:300])
+        else:
+            assert r.status_code == entry.status and r.json()["error"]["code"] == entry.code, (entry.name, r.text[:300])
+    assert requests.get(f"{url}/healthz", timeout=30).status_code == 200
+    print(f"regression corpus: {len(corpus)} requests, {sum(e.code is None for e in corpus)} accepted, the rest refused as recorded")
+
+
+def test_head_is_answered_where_get_is_and_405_names_the_allowed_methods(url):
+    for path in ("/", "/healthz", "/v1/model"):
+        get, head = requests.get(f"{url}{path}", timeout=30), requests.head(f"{url}{path}", timeout=30)
+        assert head.status_code == get.status_code == 200 and head.content == b""
+        assert head.headers["content-type"] == get.headers["content-type"]
+        r = requests.put(f"{url}{path}", timeout=30)
+        assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD" and r.json()["error"]["code"] == "method_not_allowed"
+    for path in ("/v1/generate", "/v1/edit"):
+        for r in (requests.get(f"{url}{path}", timeout=30), requests.head(f"{url}{path}", timeout=30)):
+            assert r.status_code == 405 and r.headers["allow"] == "POST"
+
+
 def _scrape(cluster, pattern: str, timeout: float = 45) -> list[tuple[str, float]]:
     """(labels, value) of every sample whose metric name and labels match `pattern`, once one has moved."""
     deadline = time.time() + timeout
@@ -237,13 +265,15 @@ def test_bearer_token_auth_when_configured(cluster, model_dir):
     secure = deploy({"model_uri": model_dir, "num_cpus": 0.5, "auth_token": "s3cret"}, "secure", "/secure", cluster.http)
     try:
         files = _label_file(png(label_map()))
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}, {"Authorization": "Basic s3cret"}):
             r = requests.post(f"{secure}/v1/generate", files=files, data={"steps": "2"}, headers=headers, timeout=60)
             assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
             assert r.headers["www-authenticate"] == "Bearer"
         assert requests.get(f"{secure}/v1/model", timeout=30).status_code == 401
         auth = {"Authorization": "Bearer s3cret"}
         assert requests.get(f"{secure}/v1/model", headers=auth, timeout=30).status_code == 200
+        for scheme in ("bearer", "BEARER"):  # the auth scheme is case-insensitive in HTTP
+            assert requests.get(f"{secure}/v1/model", headers={"Authorization": f"{scheme} s3cret"}, timeout=30).ok
         r = requests.post(f"{secure}/v1/generate", files=files, data={"steps": "2"}, headers=auth, timeout=60)
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
         assert requests.get(f"{secure}/healthz", timeout=30).status_code == 200  # probes need no token
@@ -323,3 +353,83 @@ def test_every_door_draws_the_same_bytes(cluster, url, model_dir, tmp_path, prec
         from ray import serve
 
         serve.delete("doors")  # frees its CPU share for the tests after this one
+
+
+def _metric(cluster, name: str, app: str) -> float:
+    """The sum of one counter of application `app` over its replicas (0 before it was first incremented)."""
+    text = requests.get(cluster.metrics, timeout=10).text
+    pattern = rf'^ray_{name}_total{{[^}}]*application="{app}"[^}}]*}} ([0-9.e+-]+)$'
+    return sum(float(v) for v in re.findall(pattern, text, re.MULTILINE))
+
+
+def _hang_up_after(url: str, path: str, fields: dict, seconds: float) -> threading.Thread:
+    """Send a request on a raw connection and close it after `seconds`, before any answer: a client that went away."""
+    body, content_type = multipart(fields)
+    host, port = url.removeprefix("http://").split("/")[0].split(":")
+    prefix = "/" + url.removeprefix("http://").split("/", 1)[1] if url.count("/") > 2 else ""
+    head = f"POST {prefix}{path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+
+    def run() -> None:
+        with socket.create_connection((host, int(port))) as conn:
+            conn.sendall(head.encode() + body)
+            time.sleep(seconds)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_requests_whose_clients_hang_up_are_dropped_before_sampling(cluster, model_dir):
+    app = deploy({"model_uri": model_dir, "num_cpus": 0.5, "max_batch_size": 8}, "hangup", "/hangup", cluster.http)
+    try:
+        label = {"label": {"bytes": png(label_map())}}
+        busy = threading.Thread(target=lambda: results.append(generate(app, steps=STEPS_SLOW, seed=1)))
+        results: list[requests.Response] = []
+        start = time.monotonic()
+        busy.start()
+        time.sleep(1.0)  # the first request is sampling; the next ones queue for the following batch
+        hangups = [_hang_up_after(app, "/v1/generate", label | {"steps": str(STEPS_SLOW), "seed": str(i)}, 1.0) for i in range(3)]
+        for t in hangups:
+            t.join()
+        busy.join()
+        first = time.monotonic() - start
+        t0 = time.monotonic()
+        after = generate(app, steps=STEPS_SLOW, seed=2)
+        waited = time.monotonic() - t0
+        assert results[0].status_code == 200 and after.status_code == 200
+        deadline = time.time() + 45
+        while _metric(cluster, "sdm_images_generated", "hangup") < 2 and time.time() < deadline:
+            time.sleep(1)
+        # The three that hung up were never sampled: the replica drew the first request's image and the last one's.
+        assert _metric(cluster, "sdm_requests_cancelled", "hangup") == 3
+        assert _metric(cluster, "sdm_images_generated", "hangup") == 2
+        print(f"3 clients hung up while queued: none sampled; a {STEPS_SLOW}-step request took {first:.1f}s, the next one {waited:.1f}s")
+    finally:
+        from ray import serve
+
+        serve.delete("hangup")
+
+
+def test_a_request_over_the_timeout_gets_504_and_its_sampling_stops(cluster, model_dir):
+    app = deploy({"model_uri": model_dir, "num_cpus": 0.5, "request_timeout_s": 1.0}, "timeout", "/timeout", cluster.http)
+    try:
+        t0 = time.monotonic()
+        r = generate(app, steps=1000, seed=1)
+        took = time.monotonic() - t0
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout", r.text
+        assert "1s" in r.json()["error"]["message"] and took < 10
+        t0 = time.monotonic()
+        ok = generate(app, steps=2, seed=1)
+        # The abandoned 1000-step sampling stopped at its next step instead of holding the replica for its full length.
+        assert ok.status_code == 200 and time.monotonic() - t0 < 10
+        assert requests.get(f"{app}/healthz", timeout=30).status_code == 200
+        deadline = time.time() + 45
+        while _metric(cluster, "sdm_images_generated", "timeout") < 1 and time.time() < deadline:
+            time.sleep(1)
+        assert _metric(cluster, "sdm_images_generated", "timeout") == 1
+        assert _metric(cluster, "sdm_requests_cancelled", "timeout") == 1
+        print(f"timeout 1s: 504 after {took:.1f}s; the next request answered in {time.monotonic() - t0:.1f}s")
+    finally:
+        from ray import serve
+
+        serve.delete("timeout")
