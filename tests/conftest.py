@@ -78,6 +78,37 @@ def s3_env(s3_server, monkeypatch):
     return f"s3://{bucket}"
 
 
+@pytest.fixture(scope="session")
+def s3_proxy(s3_server):
+    """A fault-injecting proxy in front of the loopback S3 server (tests/s3_faults.py); faults are set by tests."""
+    from s3_faults import FaultProxy
+
+    proxy = FaultProxy(s3_server)
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture
+def faulty_s3(s3_env, s3_proxy, monkeypatch):
+    """s3_env's fresh bucket, reached through s3_proxy (AWS_ENDPOINT_URL points at it), with no fault pending,
+    its counters at zero, and the library's default number of attempts; yields the bucket's s3:// URI."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_proxy.url)
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
+    s3_proxy.reset()
+    yield s3_env
+    s3_proxy.up()
+
+
+@pytest.fixture(scope="session")
+def random_model(tmp_path_factory) -> str:
+    """A randomly initialised tiny-preset model (perturbed, never trained), saved like an exported one."""
+    from sdm.testing import save_random_model
+
+    uri = str(tmp_path_factory.mktemp("model") / "random-tiny")
+    save_random_model(uri, "tiny", seed=0)
+    return uri
+
+
 @pytest.fixture(params=["local", "s3"])
 def store(request, tmp_path):
     """A base URI on local files, then on the loopback S3 endpoint."""

@@ -17,7 +17,7 @@ from PIL import Image
 
 from jobs.generate import main
 from sdm.errors import EXIT_REFUSED, EXIT_REJECTS
-from ray_session import ray_session
+from ray_session import local_ray_cluster
 from sdm import storage
 from sdm.checkpoint import model_id
 from sdm.data.card import CARD_FILE, read_card, write_card
@@ -26,34 +26,18 @@ from sdm.imageio import encode_png
 from sdm.data.toy import render_toy_sample, write_toy_dataset
 from sdm.generate import REJECTS_FILE, GenerationOutput, call_seed
 from sdm.pipeline import SDMPipeline
-from sdm.testing import save_random_model
 
 pytestmark = pytest.mark.ray
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
-AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 @pytest.fixture(scope="module")
 def ray_cluster(s3_server):
     """A small local cluster whose workers see the loopback S3 endpoint; yields its address."""
-    import ray
-
-    saved = {k: os.environ.get(k) for k in [*AWS, "AWS_ENDPOINT_URL"]}
-    os.environ.update({**AWS, "AWS_ENDPOINT_URL": s3_server})
-    with ray_session(address="local", num_cpus=2, include_dashboard=False):  # never a cluster found on the machine
-        yield ray.get_runtime_context().gcs_address
-    for k, v in saved.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-
-
-@pytest.fixture(scope="module")
-def random_model(tmp_path_factory) -> str:
-    """A randomly initialised tiny-preset model, saved like an exported one."""
-    uri = str(tmp_path_factory.mktemp("model") / "random-tiny")
-    save_random_model(uri, "tiny", seed=0)
-    return uri
+    with local_ray_cluster(s3_server) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")
