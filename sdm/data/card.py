@@ -63,3 +63,10 @@ def read_card(uri: str) -> DatasetCard:
 
 def write_card(uri: str, card: DatasetCard) -> None:
     storage.write_bytes(storage.join(uri, CARD_FILE), card.to_json().encode())
+
+
+def withdraw_card(uri: str) -> None:
+    """Remove the card of a dataset about to be rewritten, before its first shard is: shard names are
+    deterministic, so a rewrite that failed part-way would otherwise leave the old card, looking complete, over a
+    mix of old and new shards. Until write_card publishes the new one, nothing there looks like a dataset."""
+    storage.delete(storage.join(uri, CARD_FILE))

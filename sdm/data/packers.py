@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from sdm import storage
-from sdm.data.card import DatasetCard, write_card
+from sdm.data.card import DatasetCard, withdraw_card, write_card
 from sdm.data.classes import dataset_classes
 from sdm.data.shards import DEFAULT_SHARD_BYTES, ShardWriter, make_row
 from sdm.imageio import decode_ids, decode_image, encode_png
@@ -154,6 +154,7 @@ def pack(layout: str, src: str, dst: str, shard_bytes: int = DEFAULT_SHARD_BYTES
     if not root.is_dir():
         raise DatasetError(f"source folder {src} does not exist")
     names, palette, allowed = _classes(layout, root)
+    withdraw_card(dst)
     writers: dict[str, ShardWriter] = {}
     rejects, has_instance, done = [], False, 0
     for item in LAYOUTS[layout](root):

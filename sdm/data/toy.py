@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sdm.data.card import DatasetCard, write_card
+from sdm.data.card import DatasetCard, withdraw_card, write_card
 from sdm.data.shards import DEFAULT_SHARD_BYTES, ShardWriter, make_row
 from sdm.imageio import encode_png
 
@@ -97,6 +97,7 @@ def write_toy_dataset(
     dst_uri: str, n: int, size: int = 32, seed: int = 0, val_fraction: float = 0.125, shard_bytes: int = DEFAULT_SHARD_BYTES
 ) -> DatasetCard:
     """Write n samples ("train" and "val" splits) in the shard format, the card last."""
+    withdraw_card(dst_uri)
     rng = np.random.default_rng(seed)
     n_val = int(round(n * val_fraction))
     writers = {"train": ShardWriter(dst_uri, "train", shard_bytes), "val": ShardWriter(dst_uri, "val", shard_bytes)}
