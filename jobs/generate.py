@@ -5,8 +5,11 @@
 
 LABELS_URI is a dataset in the shard format (with its dataset.json) or a folder of label PNGs (with
 --instances naming a folder of same-named instance PNGs). Rerunning the same command on an existing output
-skips what is complete. Exit status: 0 when every item was written; N (at most 99) when N input items were
-rejected (listed in OUT_URI/rejects.jsonl); 100 when the job was refused before starting.
+skips what is complete. Exit status (sdm.errors): 0 when every item was written; 3 when some input items were
+rejected (listed in OUT_URI/rejects.jsonl); 2 when the job was refused before starting; 1 when it started and
+failed, e.g. the object store failed a write through every retry (AWS_MAX_ATTEMPTS, see sdm/storage.py): then
+an `error:` line names the URI, the output has no card (nothing there looks complete), and rerunning the same
+command finishes it, keeping every shard already written.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from sdm.data.card import CARD_FILE, DatasetCard, ShardInfo, read_card
 from sdm.imageio import decode_ids, encode_png
 from jobs.ray_setup import actor_pool, init_ray, parse_concurrency
 from jobs.specs import GenerateSpec, from_namespace
-from sdm.errors import EXIT_OK, EXIT_REFUSED, EXIT_REJECTS, DatasetError, InvalidInputError, SDMError
+from sdm.errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, EXIT_REJECTS, DatasetError, InvalidInputError, SDMError, StorageError
 from sdm.generate import (
     GenerationOutput,
     GenerationSettings,
@@ -205,7 +208,11 @@ def _write(batch: dict[str, np.ndarray], out_uri: str, settings: dict[str, Any])
         rows.append(generated_row(key, int(batch["k"][i]), str(batch["split"][i]), batch["image"][i],
                                   batch["label"][i], inst if len(inst) else None, s))
     if rows:
-        records += [("shard", json.dumps(asdict(info))) for info in GenerationOutput(out_uri).write(rows, s.output_format == "folder")]
+        try:
+            infos = GenerationOutput(out_uri).write(rows, s.output_format == "folder")
+        except StorageError as e:  # the store failed a write through every retry: the driver stops the job
+            return {"kind": ["store_error"], "value": [str(e)]}  # (raised, it would reach the driver only as text)
+        records += [("shard", json.dumps(asdict(info))) for info in infos]
     return {"kind": [r[0] for r in records], "value": [r[1] for r in records]}
 
 
@@ -256,12 +263,19 @@ def run(args: GenerateSpec) -> int:
     start = time.perf_counter()
     shards: list[ShardInfo] = []
     rejects: list[Reject] = []
-    for row in build_pipeline(plan, args).iter_rows():
-        if row["kind"] == "shard":
-            shards.append(ShardInfo(**json.loads(row["value"])))
-        else:
-            rejects.append(Reject(**json.loads(row["value"])))
-    card = plan.output.finalize(plan.base_card, rejects)
+    try:
+        for row in build_pipeline(plan, args).iter_rows():
+            if row["kind"] == "shard":
+                shards.append(ShardInfo(**json.loads(row["value"])))
+            elif row["kind"] == "store_error":
+                raise StorageError(row["value"])  # leaving the loop stops the dataset
+            else:
+                rejects.append(Reject(**json.loads(row["value"])))
+        card = plan.output.finalize(plan.base_card, rejects)
+    except StorageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        print(f"{args.out} is unfinished (no {CARD_FILE}); rerun the same command to finish it", file=sys.stderr)
+        return EXIT_FAILED
     wall = time.perf_counter() - start
     written = sum(s.rows for s in shards)
     total = sum(card.split_sizes.values())

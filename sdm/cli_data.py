@@ -3,24 +3,42 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from sdm import storage
+from sdm.data.card import CARD_FILE
 from sdm.data.inspect import inspect_dataset
 from sdm.data.packers import LAYOUTS, pack, report
 from sdm.data.toy import write_toy_dataset
+from sdm.errors import EXIT_FAILED, StorageError
+
+
+def _store_failed(e: StorageError, dst: str) -> int:
+    """A write that the store failed through every retry: the work started, so exit 1 (not 2, refused)."""
+    print(f"error: {e}", file=sys.stderr)
+    print(f"{dst} is unfinished (no {CARD_FILE}); rerun the same command to write it", file=sys.stderr)
+    return EXIT_FAILED
 
 
 def cmd_toy(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    card = write_toy_dataset(args.dst, n=args.n, size=args.size, seed=args.seed, val_fraction=args.val_fraction)
+    storage.resolve(args.dst)  # a malformed URI is refused before any work
+    try:
+        card = write_toy_dataset(args.dst, n=args.n, size=args.size, seed=args.seed, val_fraction=args.val_fraction)
+    except StorageError as e:
+        return _store_failed(e, args.dst)
     splits = ", ".join(f"{v} {k}" for k, v in card.split_sizes.items())
     print(f"wrote the toy dataset ({splits}; {len(card.shards)} shards) to {args.dst} in {time.perf_counter() - start:.1f}s")
     return 0
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    card, rejects = pack(args.layout, args.src, args.dst, shard_bytes=int(args.shard_mb * 2**20))
+    storage.resolve(args.dst)  # a malformed URI is refused before any work
+    try:
+        card, rejects = pack(args.layout, args.src, args.dst, shard_bytes=int(args.shard_mb * 2**20))
+    except StorageError as e:
+        return _store_failed(e, args.dst)
     return report(card, rejects, args.dst, args.skip_bad)
 
 

@@ -2,7 +2,7 @@
 program (`sdm ...`, `python -m jobs...`), so that scripts and schedulers can tell the outcomes apart."""
 
 EXIT_OK = 0
-EXIT_FAILED = 1  # the work started and failed (training out of restarts, a quick-start stage)
+EXIT_FAILED = 1  # the work started and failed (training out of restarts, a quick-start stage, the store failing a write)
 EXIT_REFUSED = 2  # refused before any work: bad arguments, inputs, config or weights (argparse's status too)
 EXIT_REJECTS = 3  # finished, but some input items were rejected; the rejects record says which and why
 
