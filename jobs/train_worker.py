@@ -19,6 +19,7 @@ from sdm import storage
 from sdm.checkpoint import (
     EMA_FILE,
     RUN_MODEL_DIR,
+    STATE_FILE,
     WEIGHTS_FILE,
     Progress,
     is_train_state,
@@ -64,17 +65,16 @@ def _step_of(checkpoint_uri: str) -> int:
 
 def _resume(run_uri: str, net: SDMUNet, ema: torch.nn.Module, opt: torch.optim.Optimizer, scaler) -> tuple[Progress, str] | None:
     """Load the newest checkpoint that reads back whole: Ray Train's latest registered one, or a newer one on
-    the store (a driver killed between a checkpoint's upload and its registration leaves one there)."""
+    the store (a driver killed between a checkpoint's upload and its registration leaves one there), else an
+    older complete one on the store."""
     registered = ray.train.get_checkpoint()
     floor = -1 if registered is None else _step_of(registered.path)
-    candidates = []
+    newer, older = [], []
     for uri in checkpoint_dirs(run_uri):
-        if _step_of(uri) > floor:
-            fs, path = storage.resolve(uri)
-            candidates.append(ray.train.Checkpoint(path, filesystem=fs))
-    if registered is not None:
-        candidates.append(registered)
-    for checkpoint in candidates:
+        fs, path = storage.resolve(uri)
+        if registered is None or path != registered.path:
+            (newer if _step_of(uri) > floor else older).append(ray.train.Checkpoint(path, filesystem=fs))
+    for checkpoint in [*newer, *([registered] if registered is not None else []), *older]:
         try:
             with checkpoint.as_directory() as d:
                 return load_train_state(d, net, ema, opt, scaler), checkpoint.path
@@ -215,9 +215,9 @@ def train_worker(c: dict[str, Any]) -> None:
                 if rank == 0:
                     dropped = metrics["label_drop_fraction"] if finetune else None
                     print(_log_line(progress.step, total, r, lr, ips, time.perf_counter() - start, done_before, dropped), flush=True)
-                _report(metrics, progress, net, ema, opt, scaler, cfg, rank, save=progress.step % a.checkpoint_every == 0 or last)
+                _report(metrics, progress, net, ema, opt, scaler, cfg, rank, save=progress.step % a.checkpoint_every == 0 or last, run_uri=a.run)
             elif progress.step % a.checkpoint_every == 0:
-                _report({"step": progress.step, "loss": r.loss}, progress, net, ema, opt, scaler, cfg, rank, save=True)
+                _report({"step": progress.step, "loss": r.loss}, progress, net, ema, opt, scaler, cfg, rank, save=True, run_uri=a.run)
             if last:
                 break
         if a.audit_keys:
@@ -232,17 +232,31 @@ def train_worker(c: dict[str, Any]) -> None:
         save_model(model_uri, ema.module, cfg, metadata={"step": str(progress.step), "stage": progress.stage})
 
 
-def _report(metrics: dict[str, Any], progress: Progress, net, ema, opt, scaler, cfg: SDMConfig, rank: int, save: bool) -> None:
-    """Report metrics from every worker (a barrier); rank 0 attaches the checkpoint when saving."""
+def _report(metrics: dict[str, Any], progress: Progress, net, ema, opt, scaler, cfg: SDMConfig, rank: int, save: bool,
+            run_uri: str) -> None:
+    """Report metrics from every worker (a barrier); rank 0 attaches the checkpoint when saving.
+
+    The checkpoint is uploaded through sdm.storage (each file one atomic, retried write; state.json last), not
+    Ray Train's default copy: if the store fails it for good, report raises before the checkpoint is registered,
+    so Ray Train neither records it nor deletes an older complete one for it, and the worker group restarts from
+    the last complete checkpoint (--max-failures)."""
     if not save or rank != 0:
         ray.train.report(metrics)
         return
+
+    def upload(checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
+        uri = storage.join(run_uri, dir_name)
+        storage.publish_dir(checkpoint.path, uri, last=STATE_FILE)
+        fs, path = storage.resolve(uri)
+        return ray.train.Checkpoint(path, filesystem=fs)
+
     with tempfile.TemporaryDirectory() as tmp:
         save_train_state(tmp, net, ema, opt, scaler, progress, cfg)
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
             checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{progress.step:08d}",
+            checkpoint_upload_fn=upload,
         )
 
 

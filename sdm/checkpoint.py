@@ -5,7 +5,10 @@ and palette colours, indexed by label id). A training run directory holds its ex
 
 A training-state directory (what Ray Train persists per checkpoint): `model.safetensors` and `ema.safetensors`,
 `optimizer.pt` and `scaler.pt` (tensor-only state dicts), `rng.pt` (torch RNG states), `config.json`, and
-`state.json` (step, data position) written last, so its presence marks a whole checkpoint.
+`state.json` (step, data position, and the size and checksum of every other file) written last. A checkpoint is
+complete when state.json is there and so is every file it names, at its size (sdm.storage's marker rule): Ray
+Train uploads the directory file by file in no set order, so a failed upload can leave state.json without the
+rest, and that must not look like a checkpoint. Files are checked against their checksums when loaded.
 
 Loading never unpickles code: safetensors, and torch.load with weights_only=True.
 """
@@ -149,41 +152,86 @@ def _torch_bytes(obj: object) -> bytes:
 
 def save_train_state(uri: str, net: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer,
                      scaler: torch.amp.GradScaler | None, progress: Progress, config: SDMConfig) -> None:
-    """Everything needed to continue a run exactly; state.json last."""
-    storage.write_bytes(storage.join(uri, WEIGHTS_FILE), save_safetensors(_weights(net)))
-    storage.write_bytes(storage.join(uri, EMA_FILE), save_safetensors(_weights(ema)))
-    storage.write_bytes(storage.join(uri, OPTIMIZER_FILE), _torch_bytes(opt.state_dict()))
-    if scaler is not None:
-        storage.write_bytes(storage.join(uri, SCALER_FILE), _torch_bytes(scaler.state_dict()))
+    """Everything needed to continue a run exactly; state.json, naming every other file, last."""
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    storage.write_bytes(storage.join(uri, RNG_FILE), _torch_bytes(rng))
-    storage.write_bytes(storage.join(uri, CONFIG_FILE), config.to_json().encode())
-    storage.write_bytes(storage.join(uri, STATE_FILE), json.dumps(asdict(progress)).encode())
+    files = {
+        WEIGHTS_FILE: save_safetensors(_weights(net)),
+        EMA_FILE: save_safetensors(_weights(ema)),
+        OPTIMIZER_FILE: _torch_bytes(opt.state_dict()),
+        **({SCALER_FILE: _torch_bytes(scaler.state_dict())} if scaler is not None else {}),
+        RNG_FILE: _torch_bytes(rng),
+        CONFIG_FILE: config.to_json().encode(),
+    }
+    for name, data in files.items():
+        storage.write_bytes(storage.join(uri, name), data)
+    state = {**asdict(progress), "files": storage.manifest(files)}
+    storage.write_bytes(storage.join(uri, STATE_FILE), json.dumps(state).encode())
+
+
+def _state(uri: str) -> dict | None:
+    """state.json of a checkpoint directory, or None when it has none. (One written before state.json named the
+    other files has no "files" entry: it is trusted as before.)"""
+    path = storage.join(uri, STATE_FILE)
+    if not storage.exists(path):
+        return None
+    try:
+        body = json.loads(storage.read_bytes(path))
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise CheckpointError(f"{path} is not a checkpoint state file")
+    return body
+
+
+def _problems(uri: str, state: dict | None) -> list[str]:
+    if state is None:
+        return [f"{STATE_FILE} is missing"]
+    return storage.incomplete(uri, state.get("files", {}))
 
 
 def is_train_state(uri: str) -> bool:
-    return storage.exists(storage.join(uri, STATE_FILE))
+    """Whether `uri` holds a complete training checkpoint: state.json and every file it names."""
+    try:
+        return not _problems(uri, _state(uri))
+    except CheckpointError:
+        return False
+
+
+def _complete_state(uri: str) -> dict:
+    state = _state(uri)
+    problems = _problems(uri, state)
+    if problems:
+        raise CheckpointError(f"{uri} is not a complete training checkpoint: {'; '.join(problems)}")
+    return state
+
+
+def _progress(state: dict) -> Progress:
+    return Progress(**{k: v for k, v in state.items() if k != "files"})
 
 
 def load_progress(uri: str) -> Progress:
-    if not is_train_state(uri):
-        raise CheckpointError(f"{uri} is not a complete training checkpoint: {STATE_FILE} is missing")
-    return Progress(**json.loads(storage.read_bytes(storage.join(uri, STATE_FILE))))
+    return _progress(_complete_state(uri))
 
 
-def load_weights(uri: str, name: str = WEIGHTS_FILE) -> dict[str, torch.Tensor]:
+def _read(uri: str, name: str, files: dict | None) -> bytes:
+    """One file of a checkpoint directory, checked against state.json's record of it when there is one."""
+    path = storage.join(uri, name)
+    return storage.verified(path, storage.read_bytes(path), (files or {}).get(name))
+
+
+def load_weights(uri: str, name: str = WEIGHTS_FILE, files: dict | None = None) -> dict[str, torch.Tensor]:
     """One safetensors file of a checkpoint directory (model or EMA weights)."""
     try:
-        return load_safetensors(storage.read_bytes(storage.join(uri, name)))
+        return load_safetensors(_read(uri, name, files))
     except Exception as e:  # a storage error, or one of safetensors' own error types
         raise CheckpointError(f"cannot read {name} in {uri}: {e}") from None
 
 
-def _load_tensors(uri: str, name: str) -> dict:
+def _load_tensors(uri: str, name: str, files: dict | None = None) -> dict:
     try:
-        return torch.load(io.BytesIO(storage.read_bytes(storage.join(uri, name))), weights_only=True)
+        return torch.load(io.BytesIO(_read(uri, name, files)), weights_only=True)
     except (StorageError, RuntimeError, EOFError, pickle.UnpicklingError) as e:  # missing or truncated
         raise CheckpointError(f"cannot read {name} in {uri}: {e}") from None
 
@@ -191,14 +239,15 @@ def _load_tensors(uri: str, name: str) -> dict:
 def load_train_state(uri: str, net: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer,
                      scaler: torch.amp.GradScaler | None) -> Progress:
     """Restore weights, EMA, optimizer, scaler and RNG in place; returns the progress to continue from."""
-    progress = load_progress(uri)
-    net.load_state_dict(load_weights(uri, WEIGHTS_FILE))
-    ema.load_state_dict(load_weights(uri, EMA_FILE))
-    opt.load_state_dict(_load_tensors(uri, OPTIMIZER_FILE))
-    if scaler is not None and storage.exists(storage.join(uri, SCALER_FILE)):
-        scaler.load_state_dict(_load_tensors(uri, SCALER_FILE))
-    rng = _load_tensors(uri, RNG_FILE)
+    state = _complete_state(uri)
+    files = state.get("files")
+    net.load_state_dict(load_weights(uri, WEIGHTS_FILE, files))
+    ema.load_state_dict(load_weights(uri, EMA_FILE, files))
+    opt.load_state_dict(_load_tensors(uri, OPTIMIZER_FILE, files))
+    if scaler is not None and (SCALER_FILE in files if files is not None else storage.exists(storage.join(uri, SCALER_FILE))):
+        scaler.load_state_dict(_load_tensors(uri, SCALER_FILE, files))
+    rng = _load_tensors(uri, RNG_FILE, files)
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-    return progress
+    return _progress(state)
