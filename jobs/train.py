@@ -23,11 +23,12 @@ from ray.train.torch import TorchTrainer
 from jobs.ray_setup import init_ray
 from jobs.specs import TrainSpec, from_namespace
 from jobs.train_data import check_dataset_fits, make_train_dataset
-from jobs.train_worker import train_worker
+from jobs.train_worker import latest_checkpoint_dir, train_worker
 from sdm import storage
+from sdm.checkpoint import RUN_MODEL_DIR, exported_step, find_model_dir, load_progress
 from sdm.config import SDMConfig, get_preset
 from sdm.data.card import DatasetCard, read_card
-from sdm.errors import EXIT_FAILED, EXIT_REFUSED, SDMError
+from sdm.errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, SDMError
 
 
 def parse_args(argv: list[str] | None = None) -> TrainSpec:
@@ -83,9 +84,6 @@ def validate(args: TrainSpec, cfg: SDMConfig) -> None:
     if args.stage == "finetune" and not args.init_from and not storage.exists(args.run):
         raise SDMError("--stage finetune needs --init-from: the pretrained run to start from")
     if args.init_from:
-        from sdm.checkpoint import find_model_dir
-        from jobs.train_worker import latest_checkpoint_dir
-
         if latest_checkpoint_dir(args.init_from) is None:
             find_model_dir(args.init_from)  # raises CheckpointError naming what is missing
     drop = cfg.train.drop_rate if args.drop_rate is None else args.drop_rate
@@ -162,6 +160,18 @@ def fit(args: TrainSpec, cfg: SDMConfig, card: DatasetCard) -> ray.train.Result:
     return result
 
 
+def completed_step(args: TrainSpec) -> int | None:
+    """The step of a run that already reached --steps in this stage and exported that step's model (nothing left
+    to do: a rerun reuses it instead of starting workers to re-export it); None otherwise."""
+    latest = None if args.fresh else latest_checkpoint_dir(args.run)
+    if latest is None:
+        return None
+    progress = load_progress(latest)
+    if progress.stage != args.stage or progress.step < args.steps:
+        return None
+    return progress.step if exported_step(storage.join(args.run, RUN_MODEL_DIR)) == progress.step else None
+
+
 def main(argv: list[str] | None = None) -> int:
     return run(parse_args(argv))
 
@@ -173,6 +183,9 @@ def run(args: TrainSpec) -> int:
     except SDMError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_REFUSED
+    if (step := completed_step(args)) is not None:
+        print(f"complete already; reusing it (step {step}, model {storage.join(args.run, RUN_MODEL_DIR)})")
+        return EXIT_OK
     start = time.perf_counter()
     try:
         result = fit(args, cfg, card)

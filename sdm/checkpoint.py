@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import pickle
+import struct
 from dataclasses import asdict, dataclass
 
 import torch
@@ -100,6 +101,26 @@ def model_id(uri: str) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return f"{config.name}-{h.hexdigest()[:16]}"
+
+
+SAFETENSORS_MAX_HEADER = 100_000_000  # the format's own bound on its JSON header
+
+
+def exported_step(uri: str) -> int | None:
+    """The training step an exported model records in its weights file's metadata (from the safetensors header
+    alone: 8 bytes of length, then JSON); None where there is no such file or no step."""
+    weights = storage.join(uri, WEIGHTS_FILE)
+    if not storage.exists(weights):
+        return None
+    head = storage.read_bytes(weights, 8)
+    size = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+    if not 0 < size <= SAFETENSORS_MAX_HEADER:
+        return None
+    try:
+        step = json.loads(storage.read_bytes(weights, 8 + size)[8:]).get("__metadata__", {}).get("step")
+    except (ValueError, AttributeError):
+        return None
+    return int(step) if isinstance(step, str) and step.isdigit() else None
 
 
 def load_state_dict(uri: str) -> dict[str, torch.Tensor]:

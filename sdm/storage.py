@@ -161,11 +161,12 @@ def exists(uri: str) -> bool:
         raise _failed("reach", uri, e) from None
 
 
-def read_bytes(uri: str) -> bytes:
+def read_bytes(uri: str, limit: int | None = None) -> bytes:
+    """The file's bytes; with `limit`, only its first `limit` bytes (a header), the rest never fetched."""
     fs, path = resolve(uri)
     try:
         with fs.open_input_stream(path) as f:
-            return f.read()
+            return f.read(limit)
     except FileNotFoundError:
         raise StorageError(f"no such file: {uri}") from None
     except OSError as e:

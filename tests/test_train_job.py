@@ -174,3 +174,10 @@ def test_rerunning_the_same_command_continues_from_the_last_step(cluster, toy_da
     steps = [int(s) for s in re.findall(r"step (\d+)/30 loss", text)]
     assert steps and steps[0] > resumed  # no step is trained twice
     assert re.search(r"done in \d+s: step 30,", text)
+
+    # Run once more on the finished run: nothing is trained or exported again.
+    weights = os.path.join(run, "model", "model.safetensors")
+    exported = open(weights, "rb").read()
+    again = _run(cmd)
+    assert again.returncode == 0 and "complete already; reusing it (step 30" in again.stdout, again.stdout + again.stderr
+    assert "loss" not in again.stdout and open(weights, "rb").read() == exported
