@@ -355,11 +355,17 @@ def test_every_door_draws_the_same_bytes(cluster, url, model_dir, tmp_path, prec
         serve.delete("doors")  # frees its CPU share for the tests after this one
 
 
-def _metric(cluster, name: str, app: str) -> float:
-    """The sum of one counter of application `app` over its replicas (0 before it was first incremented)."""
-    text = requests.get(cluster.metrics, timeout=10).text
+def _metric(cluster, name: str, app: str, at_least: float = 0, timeout: float = 45) -> float:
+    """The sum of one counter of application `app` over its replicas, once it reaches `at_least` (metrics are
+    exported every second) or at the timeout; 0 before it was first incremented."""
     pattern = rf'^ray_{name}_total{{[^}}]*application="{app}"[^}}]*}} ([0-9.e+-]+)$'
-    return sum(float(v) for v in re.findall(pattern, text, re.MULTILINE))
+    deadline = time.time() + timeout
+    while True:
+        text = requests.get(cluster.metrics, timeout=10).text
+        value = sum(float(v) for v in re.findall(pattern, text, re.MULTILINE))
+        if value >= at_least or time.time() > deadline:
+            return value
+        time.sleep(1)
 
 
 def _hang_up_after(url: str, path: str, fields: dict, seconds: float) -> threading.Thread:
@@ -397,12 +403,9 @@ def test_requests_whose_clients_hang_up_are_dropped_before_sampling(cluster, mod
         after = generate(app, steps=STEPS_SLOW, seed=2)
         waited = time.monotonic() - t0
         assert results[0].status_code == 200 and after.status_code == 200
-        deadline = time.time() + 45
-        while _metric(cluster, "sdm_images_generated", "hangup") < 2 and time.time() < deadline:
-            time.sleep(1)
         # The three that hung up were never sampled: the replica drew the first request's image and the last one's.
-        assert _metric(cluster, "sdm_requests_cancelled", "hangup") == 3
-        assert _metric(cluster, "sdm_images_generated", "hangup") == 2
+        assert _metric(cluster, "sdm_images_generated", "hangup", at_least=2) == 2
+        assert _metric(cluster, "sdm_requests_cancelled", "hangup", at_least=3) == 3
         print(f"3 clients hung up while queued: none sampled; a {STEPS_SLOW}-step request took {first:.1f}s, the next one {waited:.1f}s")
     finally:
         from ray import serve
@@ -423,11 +426,8 @@ def test_a_request_over_the_timeout_gets_504_and_its_sampling_stops(cluster, mod
         # The abandoned 1000-step sampling stopped at its next step instead of holding the replica for its full length.
         assert ok.status_code == 200 and time.monotonic() - t0 < 10
         assert requests.get(f"{app}/healthz", timeout=30).status_code == 200
-        deadline = time.time() + 45
-        while _metric(cluster, "sdm_images_generated", "timeout") < 1 and time.time() < deadline:
-            time.sleep(1)
-        assert _metric(cluster, "sdm_images_generated", "timeout") == 1
-        assert _metric(cluster, "sdm_requests_cancelled", "timeout") == 1
+        assert _metric(cluster, "sdm_images_generated", "timeout", at_least=1) == 1
+        assert _metric(cluster, "sdm_requests_cancelled", "timeout", at_least=1) == 1
         print(f"timeout 1s: 504 after {took:.1f}s; the next request answered in {time.monotonic() - t0:.1f}s")
     finally:
         from ray import serve
