@@ -112,13 +112,16 @@ class Cluster:
 
     def start_worker(self, timeout: float = 120) -> None:
         """Start the worker node (again) and wait until the GCS holds it alive."""
-        self._start_node("worker", [f"--address={self.gcs_address}", f"--num-cpus={self.worker_cpus}", '--resources={"worker": 1}'])
+        self._start_node("worker", [f"--address={self.gcs_address}", f"--num-cpus={self.worker_cpus}",
+                                    '--resources={"worker": 1}'])
         wait_for("both nodes are alive", lambda: self.alive_kinds() == {"head", "worker"}, timeout, every=1)
 
     def raylet_pid(self, kind: str = "worker") -> int:
         """The pid of a node's raylet: the raylet process in that node's session."""
-        ps = subprocess.run(["ps", "-o", "pid=,comm=", "-s", str(self.sessions[kind].pid)], capture_output=True, text=True)
-        pids = [int(pid) for pid, comm in (line.split(None, 1) for line in ps.stdout.splitlines()) if comm.strip() == "raylet"]
+        ps = subprocess.run(["ps", "-o", "pid=,comm=", "-s", str(self.sessions[kind].pid)],
+                            capture_output=True, text=True)
+        procs = (line.split(None, 1) for line in ps.stdout.splitlines())
+        pids = [int(pid) for pid, comm in procs if comm.strip() == "raylet"]
         assert len(pids) == 1, f"expected one raylet in the {kind} node's session, found {ps.stdout}"
         return pids[0]
 
@@ -200,9 +203,8 @@ def two_node_cluster(s3_server: str, head_cpus: int = 1, worker_cpus: int = 2,
                                f"--ray-client-server-port={free_port()}"])
         auth = {"Authorization": f"Bearer {token}"}
         wait_for("the head node's dashboard answers",
-                  lambda: requests.get(f"{c.dashboard}/api/version", headers=auth, timeout=5).ok, 120)
-        c._start_node("worker", [f"--address={c.gcs_address}", f"--num-cpus={worker_cpus}", '--resources={"worker": 1}'])
-        wait_for("both nodes join", lambda: c.alive_kinds() == {"head", "worker"}, 120, every=3)
+                 lambda: requests.get(f"{c.dashboard}/api/version", headers=auth, timeout=5).ok, 120)
+        c.start_worker()
         yield c
     finally:
         for kind in ("worker", "head"):
