@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import requests
+import yaml
 
 from serve_helpers import free_port
 
@@ -84,6 +85,23 @@ class Cluster:
         """The node kinds ("head", "worker") the GCS holds alive."""
         alive = [n for n in self.state("nodes") if n["state"] == "ALIVE"]
         return {k for n in alive for k in n["resources_total"]} & {"head", "worker"}
+
+    def deploy_serve(self, model_uri: str, workdir: Path) -> str:
+        """`serve deploy` of a copy of serve/config.yaml serving `model_uri`, its proxy on the head node only (both
+        nodes share one host, so only one proxy can bind the port); returns the base URL once /healthz answers."""
+        config = yaml.safe_load((ROOT / "serve/config.yaml").read_text())
+        port = free_port()
+        config["proxy_location"] = "HeadOnly"
+        config["http_options"]["port"] = port
+        (app,) = config["applications"]
+        app["args"]["model_uri"] = model_uri
+        (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+        r = self.run(str(BIN / "serve"), "deploy", str(workdir / "config.yaml"), "--address", self.dashboard, timeout=120)
+        assert r.returncode == 0, output(r)
+        url = f"http://127.0.0.1:{port}"
+        healthy = lambda: requests.get(f"{url}/healthz", timeout=10).status_code == 200
+        wait_for("the deployed app's /healthz answers 200", healthy, 300, every=1)
+        return url
 
     def s3_keys(self, prefix: str) -> list[str]:
         import boto3

@@ -26,10 +26,9 @@ from pathlib import Path
 
 import pytest
 import requests
-import yaml
 
 from cluster_helpers import BIN, ROOT, Cluster, output, two_node_cluster, wait_for
-from serve_helpers import free_port, label_map, png, random_tiny_model
+from serve_helpers import label_map, png, random_tiny_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.ray]
 
@@ -217,26 +216,8 @@ def test_worker_node_lost_during_training_resumes_from_the_last_checkpoint_no_st
 # --- serving ------------------------------------------------------------------------------------------------
 
 
-def _deploy(cluster: Cluster, model: str, tmp: Path) -> str:
-    """`serve deploy` of serve/config.yaml serving `model`, its proxy on the head node; returns the base URL."""
-    config = yaml.safe_load((ROOT / "serve/config.yaml").read_text())
-    port = free_port()
-    config["proxy_location"] = "HeadOnly"  # both nodes share one host, so only one proxy can bind the port
-    config["http_options"]["port"] = port
-    (app,) = config["applications"]
-    app["args"]["model_uri"] = model
-    (tmp / "config.yaml").write_text(yaml.safe_dump(config))
-    r = cluster.run(str(BIN / "serve"), "deploy", str(tmp / "config.yaml"), "--address", cluster.dashboard,
-                    timeout=120)
-    assert r.returncode == 0, output(r)
-    url = f"http://127.0.0.1:{port}"
-    wait_for("the app's /healthz answers 200", lambda: requests.get(f"{url}/healthz", timeout=10).status_code == 200,
-             180, every=1)
-    return url
-
-
 def test_model_replica_killed_under_load_503_only_until_a_replica_answers(cluster, model, tmp_path):
-    url = _deploy(cluster, model, tmp_path)
+    url = cluster.deploy_serve(model, tmp_path)
     body = png(label_map(3))
     results: list[tuple[float, float, int, str | None, str | None]] = []  # start, end, status, error code, Retry-After
     stop = threading.Event()

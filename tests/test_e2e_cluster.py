@@ -16,7 +16,7 @@ import pytest
 import requests
 import yaml
 
-from cluster_helpers import BIN, ROOT, Cluster, output, two_node_cluster, wait_for
+from cluster_helpers import ROOT, Cluster, output, two_node_cluster, wait_for
 from serve_helpers import free_port, label_map, png, read_png
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray]
@@ -73,19 +73,7 @@ def endpoint(cluster: Cluster, trained, tmp_path_factory) -> str:
     """`serve deploy` of a copy of serve/config.yaml serving the trained run; returns the HTTP base URL."""
     run, job = trained
     assert job.returncode == 0, output(job)
-    config = yaml.safe_load((ROOT / "serve/config.yaml").read_text())
-    port = free_port()
-    config["proxy_location"] = "HeadOnly"  # both nodes share one host, so only one proxy can bind the port
-    config["http_options"]["port"] = port
-    (app,) = config["applications"]
-    app["args"]["model_uri"] = run
-    path = tmp_path_factory.mktemp("serve") / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    r = cluster.run(str(BIN / "serve"), "deploy", str(path), "--address", cluster.dashboard, timeout=120)
-    assert r.returncode == 0, output(r)
-    url = f"http://127.0.0.1:{port}"
-    wait_for("the deployed app's /healthz answers 200", lambda: requests.get(f"{url}/healthz", timeout=10).status_code == 200, 300, every=2)
-    return url
+    return cluster.deploy_serve(run, tmp_path_factory.mktemp("serve"))
 
 
 def test_the_deployed_endpoint_serves_the_trained_model(endpoint):
