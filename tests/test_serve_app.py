@@ -230,6 +230,25 @@ def test_head_is_answered_where_get_is_and_405_names_the_allowed_methods(url):
             assert r.status_code == 405 and r.headers["allow"] == "POST"
 
 
+def test_the_python_client_draws_the_pipelines_images_and_raises_the_servers_error_codes(url, model_dir):
+    from sdm.client import ApiError, SDMClient
+
+    client = SDMClient(url)
+    assert client.model()["num_classes"] == 6
+    label = label_map(seed=5)
+    images = client.generate(label, num_steps=STEPS, guidance_scale=2.0, seed=11, num_samples=2)
+    pipe = SDMPipeline.from_pretrained(model_dir, device="cpu")
+    assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
+    assert np.array_equal(images, pipe(label, num_steps=STEPS, guidance_scale=2.0, seed=11, num_samples=2))
+    image = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    mask = np.pad(np.ones((16, 16), np.uint8), 8)
+    edited = client.edit(image, mask, label, num_steps=STEPS, seed=3)
+    assert np.array_equal(edited[0][mask == 0], image[mask == 0])
+    with pytest.raises(ApiError) as refused:
+        client.generate(label, num_steps=0)
+    assert (refused.value.status, refused.value.code) == (400, "invalid_parameter") and "steps" in refused.value.message
+
+
 def _scrape(cluster, pattern: str, timeout: float = 45) -> list[tuple[str, float]]:
     """(labels, value) of every sample whose metric name and labels match `pattern`, once one has moved."""
     deadline = time.time() + timeout
@@ -305,6 +324,14 @@ def test_overload_gets_503_json_not_a_crash(cluster, model_dir, url):
         assert all(r.headers.get("retry-after") == "1" for r in responses if r.status_code == 503)
         assert requests.get(f"{tight}/healthz", timeout=30).status_code == 200
         assert post(99).status_code == 200
+
+        # The Python client retries 503s, honouring Retry-After: the same load, every call answered.
+        from sdm.client import SDMClient
+
+        client = SDMClient(tight, max_retries=20)
+        with ThreadPoolExecutor(6) as pool:
+            drawn = list(pool.map(lambda i: client.generate(label_map(), num_steps=60, seed=i), range(6)))
+        assert all(d.shape == (1, 32, 32, 3) for d in drawn)
     finally:
         from ray import serve
 
