@@ -53,6 +53,8 @@ class AppArgs(BaseModel):
     min_replicas: int | None = Field(None, ge=0)
     max_replicas: int | None = Field(None, ge=1)
     target_ongoing_requests: float | None = Field(None, gt=0)
+    upscale_delay_s: float | None = Field(None, ge=0)  # None: Serve's defaults (30 s out, 600 s in)
+    downscale_delay_s: float | None = Field(None, ge=0)
     max_ongoing_requests: int | None = Field(None, ge=1)
     max_queued_requests: int = Field(64, ge=-1)
     max_batch_size: int | None = Field(None, ge=1)
@@ -73,6 +75,7 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
     a = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
     gpu = a.num_gpus > 0
     batch = a.max_batch_size or (16 if gpu else 8)
+    delays = {"upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s}
     model = serve.deployment(
         name="SDMModel",
         ray_actor_options={"num_gpus": a.num_gpus, "num_cpus": a.num_cpus},
@@ -80,6 +83,7 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
             "min_replicas": a.min_replicas if a.min_replicas is not None else 1,
             "max_replicas": a.max_replicas or (8 if gpu else 1),
             "target_ongoing_requests": a.target_ongoing_requests or batch,
+            **{k: v for k, v in delays.items() if v is not None},
         },
         max_ongoing_requests=a.max_ongoing_requests or 2 * batch,
         max_queued_requests=a.max_queued_requests,

@@ -460,3 +460,63 @@ def test_a_request_over_the_timeout_gets_504_and_its_sampling_stops(cluster, mod
         from ray import serve
 
         serve.delete("timeout")
+
+
+def _running_replicas(app: str) -> int:
+    from ray import serve
+
+    return serve.status().applications[app].deployments["SDMModel"].replica_states.get("RUNNING", 0)
+
+
+def _until(what: str, check, timeout: float) -> float:
+    """Seconds until `check()` holds; fails the test past `timeout`."""
+    start = time.monotonic()
+    while not check():
+        assert time.monotonic() - start < timeout, f"{what} within {timeout:.0f}s"
+        time.sleep(0.5)
+    return time.monotonic() - start
+
+
+def test_the_model_deployment_scales_out_under_load_back_in_after_it_and_up_from_zero(cluster, model_dir):
+    from ray import serve
+
+    scaling = {"num_cpus": 0.25, "max_batch_size": 1, "target_ongoing_requests": 1, "upscale_delay_s": 1,
+               "downscale_delay_s": 3}
+    app = deploy({"model_uri": model_dir, "min_replicas": 1, "max_replicas": 3} | scaling, "scale", "/scale", cluster.http)
+    try:
+        assert _running_replicas("scale") == 1
+        stop = threading.Event()
+        codes: list[int] = []
+
+        def client() -> None:
+            while not stop.is_set():
+                codes.append(generate(app, steps=20).status_code)
+
+        clients = [threading.Thread(target=client) for _ in range(6)]
+        for t in clients:
+            t.start()
+        try:
+            out = _until("a second replica under 6 clients' load", lambda: _running_replicas("scale") >= 2, 120)
+        finally:
+            stop.set()
+            for t in clients:
+                t.join()
+        peak = _running_replicas("scale")
+        back = _until("back to 1 replica after the load", lambda: _running_replicas("scale") == 1, 120)
+        assert codes and set(codes) == {200}
+        print(f"autoscaling: 1 -> {peak} replicas {out:.1f}s into the load; back to 1 {back:.1f}s after it ended; "
+              f"{len(codes)} requests, all 200")
+    finally:
+        serve.delete("scale")
+
+    zero = deploy({"model_uri": model_dir, "min_replicas": 0, "max_replicas": 1} | scaling, "zero", "/zero", cluster.http)
+    try:
+        idle = _until("scaled to zero replicas", lambda: _running_replicas("zero") == 0, 120)
+        t0 = time.monotonic()
+        r = generate(zero, steps=2)
+        cold = time.monotonic() - t0
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        assert _running_replicas("zero") == 1
+        print(f"scale to zero: no replica {idle:.1f}s after the last request; the next request answered in {cold:.1f}s (cold start)")
+    finally:
+        serve.delete("zero")
