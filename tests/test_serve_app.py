@@ -325,17 +325,34 @@ def test_overload_gets_503_json_not_a_crash(cluster, model_dir, url):
         assert requests.get(f"{tight}/healthz", timeout=30).status_code == 200
         assert post(99).status_code == 200
 
-        # The Python client retries 503s, honouring Retry-After: the same load, every call answered.
-        from sdm.client import SDMClient
-
-        client = SDMClient(tight, max_retries=20)
-        with ThreadPoolExecutor(6) as pool:
-            drawn = list(pool.map(lambda i: client.generate(label_map(), num_steps=60, seed=i), range(6)))
-        assert all(d.shape == (1, 32, 32, 3) for d in drawn)
     finally:
         from ray import serve
 
         serve.delete("tight")
+
+
+def test_the_python_client_retries_503_until_the_model_has_room(cluster, model_dir):
+    """One request in flight and one queued: the other concurrent calls get 503 `overloaded` with Retry-After at
+    first; the client waits and retries, and every call returns its images."""
+    from sdm.client import ApiError, SDMClient
+
+    args = {"model_uri": model_dir, "num_cpus": 0.5, "max_batch_size": 1, "max_ongoing_requests": 1, "max_queued_requests": 1}
+    app = deploy(args, "retry", "/retry", cluster.http)
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            raw = list(pool.map(lambda i: generate(app, steps=10, seed=i), range(6)))
+        assert 503 in {r.status_code for r in raw}  # the load does overload it
+        client = SDMClient(app, max_retries=120)
+        with ThreadPoolExecutor(6) as pool:
+            drawn = list(pool.map(lambda i: client.generate(label_map(), num_steps=10, seed=i), range(6)))
+        assert all(d.shape == (1, 32, 32, 3) for d in drawn)
+        with pytest.raises(ApiError) as refused, ThreadPoolExecutor(6) as pool:  # without retries, the 503 comes out
+            list(pool.map(lambda i: SDMClient(app, max_retries=0).generate(label_map(), num_steps=10, seed=i), range(6)))
+        assert (refused.value.status, refused.value.code) == (503, "overloaded")
+    finally:
+        from ray import serve
+
+        serve.delete("retry")
 
 
 @pytest.mark.parametrize("precision", ["auto", "fp32"])
