@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import json
 import secrets
@@ -14,6 +12,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
@@ -24,12 +23,8 @@ from sdm.errors import InvalidInputError
 from sdm.imageio import ID_MODES
 from sdm.labels import colors_to_ids, default_palette, raw_to_classes
 from sdm.samplers import SAMPLERS
-from sdm.sampling import check_guidance
 from serve.errors import ApiError
-
-PARAMS = ("guidance_scale", "steps", "sampler", "seed", "num_samples")
-FILES = {"generate": ("label", "instance"), "edit": ("image", "mask", "label", "instance")}
-REQUIRED = {"generate": ("label",), "edit": ("image", "mask", "label")}
+from serve.schema import FILE_FIELDS, MODEL_HEADER, REQUESTS, ModelDescription, SamplingFields
 
 
 @dataclass(frozen=True)
@@ -74,27 +69,46 @@ class ModelInfo:
             max_steps=min(limits.max_steps, config.diffusion.num_timesteps),
         )
 
-    def to_json(self, limits: Limits) -> dict[str, Any]:
-        return {
-            "preset": self.preset,
-            "resolution": {"height": self.size[0], "width": self.size[1]},
-            "num_classes": self.num_classes,
-            "class_names": self.class_names,
-            "palette": [list(c) for c in self.palette],
-            "instance_map": self.instance_edges,
-            "defaults": {
+    def describe(self, name: str, limits: Limits) -> ModelDescription:
+        return ModelDescription(
+            name=name,
+            preset=self.preset,
+            resolution={"height": self.size[0], "width": self.size[1]},
+            num_classes=self.num_classes,
+            class_names=self.class_names,
+            palette=self.palette,
+            instance_map=self.instance_edges,
+            defaults={
                 "guidance_scale": self.defaults.guidance_scale,
                 "steps": self.defaults.num_inference_steps,
                 "sampler": self.defaults.sampler,
             },
-            "samplers": list(SAMPLERS),
-            "limits": {
+            samplers=list(SAMPLERS),
+            limits={
                 "max_steps": self.max_steps,
                 "max_samples": limits.max_samples,
                 "max_body_bytes": limits.max_body_bytes,
                 "max_image_side": limits.max_image_side,
             },
-        }
+        )
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """The served models by name, and the one that draws for a request naming none."""
+
+    models: dict[str, ModelInfo]
+    default: str
+
+    @classmethod
+    def from_uris(cls, uris: dict[str, str], default: str, limits: Limits) -> "Catalog":
+        return cls({name: ModelInfo.from_uri(uri, limits) for name, uri in uris.items()}, default)
+
+    def pick(self, name: str | None) -> tuple[str, ModelInfo]:
+        name = name or self.default
+        if name not in self.models:
+            raise ApiError(404, "unknown_model", f"no model {name!r} is served; models: {', '.join(self.models)}")
+        return name, self.models[name]
 
 
 @dataclass
@@ -102,6 +116,7 @@ class Job:
     """One validated request, at the model's resolution; what crosses from the API to the model deployment."""
 
     kind: str  # "generate" or "edit"
+    model: str  # the name of the served model that draws it
     label: np.ndarray  # [H, W] raw label ids
     instance: np.ndarray | None
     guidance_scale: float
@@ -128,46 +143,64 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def parse_job(kind: str, request: Request, body: bytes, info: ModelInfo, limits: Limits) -> Job:
-    """A multipart upload or a JSON body (images as base64) -> a validated Job."""
-    fields = await _fields(kind, request, body)
-    allowed = set(FILES[kind]) | set(PARAMS)
-    unknown = sorted(set(fields) - allowed)
-    if unknown:
-        raise ApiError(400, "unknown_field", f"unknown fields {unknown}; this route takes {sorted(allowed)}")
-    missing = [f for f in REQUIRED[kind] if f not in fields]
-    if missing:
-        raise ApiError(400, "missing_field", f"missing required field(s): {', '.join(missing)}")
-    files = {f: _file_bytes(f, fields[f]) for f in FILES[kind] if f in fields}
+async def parse_job(kind: str, request: Request, body: bytes, catalog: Catalog, limits: Limits) -> Job:
+    """A multipart upload or a JSON body (images as base64) -> a validated Job for the model it names."""
+    try:
+        req = REQUESTS[kind].model_validate(await _fields(kind, request, body))
+    except ValidationError as e:
+        raise _refusal(kind, e) from None
+    model, info = catalog.pick(req.model or request.headers.get(MODEL_HEADER))
 
     with _reading("label"):
-        label = _label_ids(_open(files["label"], "label", limits), info)
+        label = _label_ids(_open(req.label, "label", limits), info)
     instance = None
-    if "instance" in files:
+    if req.instance is not None:
         if not info.instance_edges:
-            raise ApiError(400, "unexpected_field", "instance: this model takes no instance map")
+            raise ApiError(400, "unexpected_field", f"instance: model {model!r} takes no instance map")
         with _reading("instance"):
-            instance = _fit(_ids(_open(files["instance"], "instance", limits), "instance"), "instance", info.size)
+            instance = _fit(_ids(_open(req.instance, "instance", limits), "instance"), "instance", info.size)
     job = Job(
         kind=kind,
+        model=model,
         label=label,
         instance=instance,
-        guidance_scale=_guidance(fields.get("guidance_scale", info.defaults.guidance_scale)),
-        steps=_integer("steps", fields.get("steps", info.defaults.num_inference_steps), 1, info.max_steps),
-        sampler=_sampler(fields.get("sampler", info.defaults.sampler)),
-        seed=_integer("seed", fields["seed"], 0, 2**63 - 1) if "seed" in fields else secrets.randbits(63),
-        num_samples=_integer("num_samples", fields.get("num_samples", 1), 1, limits.max_samples),
+        guidance_scale=info.defaults.guidance_scale if req.guidance_scale is None else req.guidance_scale,
+        steps=_at_most("steps", req.steps or info.defaults.num_inference_steps, info.max_steps),
+        sampler=req.sampler or info.defaults.sampler,
+        seed=secrets.randbits(63) if req.seed is None else req.seed,
+        num_samples=_at_most("num_samples", req.num_samples, limits.max_samples),
     )
     if kind == "edit":
         with _reading("image"):
-            image = _open(files["image"], "image", limits, formats=("PNG", "JPEG"))
+            image = _open(req.image, "image", limits, formats=("PNG", "JPEG"))
             job.image = _fit(np.array(image.convert("RGB")), "image", info.size)
         with _reading("mask"):
-            mask = _fit(np.array(_open(files["mask"], "mask", limits).convert("L")), "mask", info.size)
+            mask = _fit(np.array(_open(req.mask, "mask", limits).convert("L")), "mask", info.size)
         if not mask.any():
             raise ApiError(400, "empty_mask", "mask: selects no pixels to regenerate (nonzero = regenerate)")
         job.mask = mask
     return job
+
+
+def _refusal(kind: str, e: ValidationError) -> ApiError:
+    """A request the schema refused, as the error a client can act on: unknown or missing fields first."""
+    errors = e.errors()
+    unknown = sorted(str(x["loc"][0]) for x in errors if x["type"] == "extra_forbidden")
+    if unknown:
+        return ApiError(400, "unknown_field", f"unknown fields {unknown}; this route takes {sorted(REQUESTS[kind].model_fields)}")
+    missing = [str(x["loc"][0]) for x in errors if x["type"] == "missing"]
+    if missing:
+        return ApiError(400, "missing_field", f"missing required field(s): {', '.join(missing)}")
+    x = errors[0]
+    field = ".".join(map(str, x["loc"]))
+    code = x["type"] if x["type"] in ("invalid_base64", "invalid_field") else "invalid_parameter"
+    return ApiError(400, code, f"{field}: {x['msg']}, got {repr(x['input'])[:60]}")
+
+
+def _at_most(name: str, n: int, high: int) -> int:
+    if n > high:
+        raise ApiError(400, "invalid_parameter", f"{name} must be in [1, {high}], got {n}")
+    return n
 
 
 @contextmanager
@@ -199,7 +232,9 @@ async def _fields(kind: str, request: Request, body: bytes) -> dict[str, Any]:
             return {"type": "http.request", "body": body, "more_body": False}
 
         try:
-            form = await Request(request.scope, replay).form(max_files=len(FILES[kind]), max_fields=len(PARAMS))
+            form = await Request(request.scope, replay).form(
+                max_files=len(FILE_FIELDS[kind]), max_fields=len(SamplingFields.model_fields)
+            )
         except Exception as e:  # starlette/python-multipart raise several types for malformed bodies
             raise ApiError(400, "invalid_form", f"cannot parse the multipart body: {e}") from None
         try:  # uploads as bytes, and their spooled temporary files closed now rather than whenever collected
@@ -209,20 +244,6 @@ async def _fields(kind: str, request: Request, body: bytes) -> dict[str, Any]:
     raise ApiError(
         415, "unsupported_media_type", f"content type {ctype or '(none)'!r}: send multipart/form-data or application/json"
     )
-
-
-def _file_bytes(field: str, value: Any) -> bytes:
-    """An uploaded file's bytes, or a JSON base64 string (a data: URL prefix is allowed)."""
-    if isinstance(value, bytes):
-        return value
-    if not isinstance(value, str):
-        raise ApiError(400, "invalid_field", f"{field}: expected a file upload or a base64 string")
-    if value.startswith("data:"):
-        value = value.split(",", 1)[-1]
-    try:  # MIME base64 is wrapped at 76 columns; whitespace is never part of the data
-        return base64.b64decode("".join(value.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(400, "invalid_base64", f"{field}: not valid base64") from None
 
 
 def _open(data: bytes, field: str, limits: Limits, formats: tuple[str, ...] = ("PNG",)) -> Image.Image:
@@ -278,44 +299,3 @@ def _fit(arr: np.ndarray, field: str, size: tuple[int, int]) -> np.ndarray:
         return fit_to_model(arr, size, field)
     except InvalidInputError as e:
         raise ApiError(400, "size_mismatch", str(e)) from None
-
-
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            raise ApiError(400, "invalid_parameter", f"{name} must be a number, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ApiError(400, "invalid_parameter", f"{name} must be a number, got {value!r}")
-    return float(value)
-
-
-def _guidance(value: Any) -> float:
-    g = _number("guidance_scale", value)
-    try:
-        check_guidance(g)
-    except InvalidInputError as e:
-        raise ApiError(400, "invalid_parameter", str(e)) from None
-    return g
-
-
-def _integer(name: str, value: Any, low: int, high: int) -> int:
-    if isinstance(value, str):
-        try:
-            n = int(value)
-        except ValueError:
-            raise ApiError(400, "invalid_parameter", f"{name} must be an integer, got {value!r}") from None
-    elif isinstance(value, int) and not isinstance(value, bool):
-        n = value
-    else:
-        raise ApiError(400, "invalid_parameter", f"{name} must be an integer, got {value!r}")
-    if not low <= n <= high:
-        raise ApiError(400, "invalid_parameter", f"{name} must be in [{low}, {high}], got {n}")
-    return n
-
-
-def _sampler(value: Any) -> str:
-    if value not in SAMPLERS:
-        raise ApiError(400, "invalid_parameter", f"unknown sampler {value!r}; choose one of {', '.join(SAMPLERS)}")
-    return value

@@ -1,7 +1,8 @@
 """The application's Prometheus metrics, through Ray's metrics (exported by every node's metrics agent).
 
 Ray prefixes each name with `ray_` and adds the Serve tags (application, deployment, replica). Created
-inside the replica that records them.
+inside the replica that records them. Everything a model does is tagged with the served model's name, so that a
+dashboard shows each model apart and which replica holds which (`sdm_model_loaded`).
 """
 
 from __future__ import annotations
@@ -22,8 +23,12 @@ class ApiMetrics:
     @classmethod
     def create(cls) -> "ApiMetrics":
         return cls(
-            requests=Counter("sdm_requests", "HTTP requests by route and status code", tag_keys=("route", "status")),
-            latency=Histogram("sdm_request_latency_s", "HTTP request latency in seconds", LATENCY_S, tag_keys=("route",)),
+            requests=Counter(
+                "sdm_requests", "HTTP requests by route, status code and model", tag_keys=("route", "status", "model")
+            ),
+            latency=Histogram(
+                "sdm_request_latency_s", "HTTP request latency in seconds", LATENCY_S, tag_keys=("route", "model")
+            ),
         )
 
 
@@ -34,19 +39,32 @@ class ModelMetrics:
     images: Counter
     steps_per_second: Gauge
     load_time: Gauge
+    loaded: Gauge
+    loads: Counter
+    evictions: Counter
     cancelled: Counter
 
     @classmethod
     def create(cls) -> "ModelMetrics":
+        model = ("model",)
         return cls(
-            batch_size=Histogram("sdm_batch_size", "requests sharing one batched sampling call", BATCH_SIZES),
-            queue_wait=Histogram("sdm_queue_wait_s", "seconds a request waited for its batch", LATENCY_S),
-            images=Counter("sdm_images_generated", "images generated, by kind", tag_keys=("kind",)),
-            steps_per_second=Gauge(
-                "sdm_denoising_steps_per_s", "image denoising steps per second in the last batched call"
+            batch_size=Histogram(
+                "sdm_batch_size", "requests sharing one batched sampling call", BATCH_SIZES, tag_keys=model
             ),
-            load_time=Gauge("sdm_model_load_s", "seconds to load the model and run a first probe"),
+            queue_wait=Histogram("sdm_queue_wait_s", "seconds a request waited for its batch", LATENCY_S, tag_keys=model),
+            images=Counter("sdm_images_generated", "images generated, by kind and model", tag_keys=("kind", "model")),
+            steps_per_second=Gauge(
+                "sdm_denoising_steps_per_s", "image denoising steps per second in the last batched call", tag_keys=model
+            ),
+            load_time=Gauge("sdm_model_load_s", "seconds to load the model and run a first probe", tag_keys=model),
+            loaded=Gauge("sdm_model_loaded", "1 while this replica holds the model, 0 once evicted", tag_keys=model),
+            loads=Counter("sdm_model_loads", "times this replica loaded the model", tag_keys=model),
+            evictions=Counter(
+                "sdm_model_evictions", "times this replica evicted the model to make room for another", tag_keys=model
+            ),
             cancelled=Counter(
-                "sdm_requests_cancelled", "requests whose caller went away (disconnect or timeout) before their images"
+                "sdm_requests_cancelled",
+                "requests whose caller went away (disconnect or timeout) before their images",
+                tag_keys=model,
             ),
         )

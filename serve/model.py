@@ -1,4 +1,6 @@
-"""The model deployment: one SDMPipeline per replica, dynamic batching, and a health check that runs the model."""
+"""The model deployment: the served models loaded on demand (Serve's model multiplexing: each replica holds a few,
+evicting the least recently used, and Serve routes a request to a replica that holds its model), dynamic batching
+that never mixes models, and a health check that runs every model the replica holds."""
 
 from __future__ import annotations
 
@@ -30,14 +32,35 @@ class Abandoned(SDMError):
 class Output:
     images: np.ndarray  # uint8 [num_samples, H, W, 3]
     seeds: list[int]  # the seed of each image
+    replica: str  # the replica that drew them
     queue_ms: float
     sampling_ms: float
     batch_size: int  # requests that shared the sampling call
 
 
+class LoadedModel:
+    """A model one replica holds. Serve's multiplexing calls `__del__` when its LRU evicts the model."""
+
+    def __init__(self, name: str, pipe: SDMPipeline, metrics: ModelMetrics, held: dict[str, "LoadedModel"]):
+        self.name, self.pipe, self.metrics, self.held = name, pipe, metrics, held
+        self.released = False
+        held[name] = self
+        metrics.loaded.set(1, tags={"model": name})
+        metrics.loads.inc(tags={"model": name})
+
+    def __del__(self) -> None:
+        if self.released:  # called by Serve on eviction, and again by the collector
+            return
+        self.released = True
+        self.held.pop(self.name, None)
+        self.metrics.loaded.set(0, tags={"model": self.name})
+        self.metrics.evictions.inc(tags={"model": self.name})
+
+
 @dataclass
 class _Pending:
     job: Job
+    model: LoadedModel
     label: torch.Tensor  # [num_samples, C, H, W] network input
     known: Known | None  # edit: the image to keep, per row
     seeds: list[int]
@@ -45,15 +68,18 @@ class _Pending:
     cancelled: bool = False  # its caller went away (client disconnect or request timeout)
 
 
-def _group_key(job: Job) -> tuple[str, str, int]:
-    """Requests sharing a key run in one call of the runner (which keeps unguided rows apart itself)."""
-    return job.kind, job.sampler, job.steps
+def _group_key(job: Job) -> tuple[str, str, str, int]:
+    """Requests sharing a key run in one call of the runner (which keeps unguided rows apart itself). Serve's batcher
+    already splits batches by model; the key says it again where it matters."""
+    return job.model, job.kind, job.sampler, job.steps
 
 
 class SDMModel:
-    def __init__(
+    async def __init__(
         self,
-        model_uri: str,
+        models: dict[str, str],
+        default_model: str,
+        max_loaded: int,
         device: str | None,
         precision: str,
         max_batch_size: int,
@@ -61,64 +87,70 @@ class SDMModel:
         batch_wait_under_load_s: float,
         max_queue_wait_s: float,
     ):
-        start = time.perf_counter()
-        self.pipe = SDMPipeline.from_pretrained(model_uri, device=device, precision=precision)
-        self._probe()
+        """`models`: name -> URI of every model this deployment may serve; at most `max_loaded` are held at once."""
+        self.uris, self.device, self.precision = models, device, precision
         self.metrics = ModelMetrics.create()
-        self.metrics.load_time.set(time.perf_counter() - start)
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.held: dict[str, LoadedModel] = {}
         self.max_queue_wait_s = max_queue_wait_s
         self.batch_wait_s = (batch_wait_timeout_s, batch_wait_under_load_s)
         self._batched.set_max_batch_size(max_batch_size)
         self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
-    def _probe(self) -> None:
-        """One network evaluation on the null label, in the serving precision; raises when the model cannot run."""
-        m, dev, dtype = self.pipe.config.model, self.pipe.device, self.pipe.dtype
-        with torch.no_grad(), torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            out = self.pipe.net(torch.zeros(1, 3, *m.image_size, device=dev), torch.zeros(1, device=dev),
-                                torch.zeros(1, m.label_channels, *m.image_size, device=dev))
-        if not torch.isfinite(out).all():
-            raise RuntimeError("the model's output is not finite")
+        async def load(name: str) -> LoadedModel:
+            return await asyncio.to_thread(self._load, name)
+
+        self.model = serve.multiplexed(max_num_models_per_replica=max_loaded)(load)
+        await self.model(default_model)  # a replica starts ready for requests naming no model
+
+    def _load(self, name: str) -> LoadedModel:
+        start = time.perf_counter()
+        pipe = SDMPipeline.from_pretrained(self.uris[name], device=self.device, precision=self.precision)
+        _probe(pipe)
+        self.metrics.load_time.set(time.perf_counter() - start, tags={"model": name})
+        return LoadedModel(name, pipe, self.metrics, self.held)
 
     async def check_health(self) -> None:
-        await asyncio.to_thread(self._probe)
+        for loaded in list(self.held.values()):
+            await asyncio.to_thread(_probe, loaded.pipe)
 
-    def ping(self) -> str:
-        return self.pipe.config.name
+    def ping(self) -> list[str]:
+        """The models this replica holds."""
+        return list(self.held)
 
     async def run(self, job: Job) -> Output:
         """Sample one request's images in whatever batch it joins; same job and seed, same images."""
-        pending = self._prepare(job)
+        pending = self._prepare(job, await self.model(job.model))
         try:
             out = await self._batched(pending)
         except asyncio.CancelledError:
             # Serve leaves a request cancelled before its batch starts out of the batch; one cancelled later is
             # skipped before its group samples, and a group whose requests are all gone stops mid-sampling.
             pending.cancelled = True
-            self.metrics.cancelled.inc()
+            self.metrics.cancelled.inc(tags={"model": job.model})
             raise
         if isinstance(out, Exception):
             raise out
         return out
 
-    def _prepare(self, job: Job) -> _Pending:
+    def _prepare(self, job: Job, model: LoadedModel) -> _Pending:
         n = job.num_samples
-        label = self.pipe.prepare_labels(job.label, job.instance)
+        label = model.pipe.prepare_labels(job.label, job.instance)
         known = None
         if job.kind == "edit":
             k = known_from_image(job.image, job.mask, tuple(label.shape[-2:]))
             known = Known(k.x0.expand(n, -1, -1, -1), k.mask.expand(n, -1, -1, -1))
         seeds = sample_seeds(job.seed, n)
-        return _Pending(job, label.expand(n, -1, -1, -1), known, seeds, time.monotonic())
+        return _Pending(job, model, label.expand(n, -1, -1, -1), known, seeds, time.monotonic())
 
     @serve.batch
     async def _batched(self, items: list[_Pending]) -> list[Output | Exception]:
         start = time.monotonic()
         results: list[Output | Exception | None] = [None] * len(items)
-        groups: dict[tuple[str, str, int], list[int]] = {}
+        groups: dict[tuple[str, str, str, int], list[int]] = {}
         for i, p in enumerate(items):
             wait = start - p.enqueued
-            self.metrics.queue_wait.observe(wait)
+            self.metrics.queue_wait.observe(wait, tags={"model": p.job.model})
             if wait > self.max_queue_wait_s:
                 results[i] = QueueTimeout(
                     f"request waited {wait:.2f}s for the model, over the bound of {self.max_queue_wait_s}s"
@@ -142,14 +174,15 @@ class SDMModel:
                 continue
             elapsed = time.perf_counter() - t0
             job = group[0].job
-            self.metrics.batch_size.observe(len(group))
-            self.metrics.images.inc(len(images), tags={"kind": job.kind})
-            self.metrics.steps_per_second.set(len(images) * job.steps / elapsed)
+            tags = {"model": job.model}
+            self.metrics.batch_size.observe(len(group), tags=tags)
+            self.metrics.images.inc(len(images), tags=tags | {"kind": job.kind})
+            self.metrics.steps_per_second.set(len(images) * job.steps / elapsed, tags=tags)
             row = 0
             for i, p in zip(idxs, group):
                 n = len(p.seeds)
                 queue_ms = (start - p.enqueued) * 1000
-                results[i] = Output(images[row : row + n], p.seeds, queue_ms, elapsed * 1000, len(group))
+                results[i] = Output(images[row : row + n], p.seeds, self.replica, queue_ms, elapsed * 1000, len(group))
                 row += n
         # A lone request waits briefly for company; once requests come concurrently (clients resend as their
         # results return, spread by the HTTP path) wait longer, so the next batch fills instead of splitting.
@@ -157,12 +190,12 @@ class SDMModel:
         return results
 
     def _sample(self, group: list[_Pending]) -> np.ndarray:
-        job = group[0].job
+        job, pipe = group[0].job, group[0].model.pipe
         known = None
         if group[0].known is not None:
             known = Known(torch.cat([p.known.x0 for p in group]), torch.cat([p.known.mask for p in group]))
-        params = SamplingParams(job.guidance_scale, job.steps, job.sampler, self.pipe.config.sampling.eta)
-        return self.pipe.runner(
+        params = SamplingParams(job.guidance_scale, job.steps, job.sampler, pipe.config.sampling.eta)
+        return pipe.runner(
             torch.cat([p.label for p in group]),
             [s for p in group for s in p.seeds],
             params,
@@ -176,3 +209,13 @@ def _check_wanted(group: list[_Pending]) -> None:
     """Called between denoising steps: stop sampling once no request of the group is waiting for it."""
     if all(p.cancelled for p in group):
         raise Abandoned(f"all {len(group)} requests of the batch were cancelled")
+
+
+def _probe(pipe: SDMPipeline) -> None:
+    """One network evaluation on the null label, in the serving precision; raises when the model cannot run."""
+    m, dev, dtype = pipe.config.model, pipe.device, pipe.dtype
+    with torch.no_grad(), torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        out = pipe.net(torch.zeros(1, 3, *m.image_size, device=dev), torch.zeros(1, device=dev),
+                       torch.zeros(1, m.label_channels, *m.image_size, device=dev))
+    if not torch.isfinite(out).all():
+        raise RuntimeError("the model's output is not finite")

@@ -19,7 +19,7 @@ from starlette.requests import Request
 
 from hostile_corpus import load_corpus, multipart
 from serve.errors import ApiError
-from serve.inputs import Job, Limits, ModelInfo, parse_job, read_body
+from serve.inputs import Catalog, Job, Limits, ModelInfo, parse_job, read_body
 from serve_helpers import label_map, png, random_tiny_model
 
 LIMITS = Limits(max_body_bytes=1 << 20)
@@ -34,19 +34,22 @@ def info(tmp_path_factory) -> ModelInfo:
     return ModelInfo.from_uri(random_tiny_model(str(tmp_path_factory.mktemp("model"))), LIMITS)
 
 
-def parse(info: ModelInfo, kind: str, content_type: str, body: bytes) -> Job | ApiError:
+def parse(info: ModelInfo, kind: str, content_type: str, body: bytes, headers: dict[str, str] | None = None,
+          catalog: Catalog | None = None) -> Job | ApiError:
     """What the API makes of one request body: a Job, or the ApiError it refused it with."""
+    headers = {"content-type": content_type, "content-length": str(len(body))} | (headers or {})
     scope = {
         "type": "http", "method": "POST", "path": f"/v1/{kind}", "query_string": b"",
-        "headers": [(b"content-type", content_type.encode("latin-1")), (b"content-length", str(len(body)).encode())],
+        "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()],
     }
+    catalog = catalog or Catalog({"default": info}, "default")
 
     async def receive() -> dict:
         return {"type": "http.request", "body": body, "more_body": False}
 
     async def run() -> Job:
         request = Request(scope, receive)
-        return await parse_job(kind, request, await read_body(request, LIMITS.max_body_bytes), info, LIMITS)
+        return await parse_job(kind, request, await read_body(request, LIMITS.max_body_bytes), catalog, LIMITS)
 
     try:
         return asyncio.run(run())
@@ -61,7 +64,7 @@ def assert_valid_outcome(result: Job | ApiError, info: ModelInfo) -> None:
     assert result.label.shape == info.size and result.label.min() >= 0 and result.label.max() < info.num_classes
     assert 0 <= result.guidance_scale <= 100 and math.isfinite(result.guidance_scale)
     assert 1 <= result.steps <= info.max_steps and 1 <= result.num_samples <= LIMITS.max_samples
-    assert 0 <= result.seed < 2**63
+    assert 0 <= result.seed < 2**63 and result.model == "default"
     if result.kind == "edit":
         assert result.image.shape == (*info.size, 3) and result.mask.shape == info.size and result.mask.any()
 
@@ -76,7 +79,7 @@ json_values = st.recursive(
     max_leaves=20,
 )
 param_values = json_values | st.sampled_from(["2", "1e30", "nan", "-1", "ddim", "dpm++", " 3", "0x10", "", "\x00"])
-PARAMS = ("guidance_scale", "steps", "sampler", "seed", "num_samples")
+PARAMS = ("guidance_scale", "steps", "sampler", "seed", "num_samples", "model")
 
 
 @FUZZ
@@ -165,3 +168,35 @@ def test_every_request_of_the_regression_corpus_gets_its_answer(info, entry):
     else:
         assert isinstance(result, ApiError), f"{entry.name} ({entry.found}) was accepted"
         assert (result.status, result.code) == (entry.status, entry.code), f"{entry.name}: {result.message}"
+
+
+def test_the_model_field_then_the_multiplexing_header_pick_the_model_and_unknown_ones_are_404(info):
+    catalog = Catalog({"a": info, "b": info}, "b")
+    label = base64.b64encode(LABEL).decode()
+    header = {"serve_multiplexed_model_id": "a"}
+    picked = [
+        parse(info, "generate", "application/json", _json(body), headers, catalog)
+        for body, headers in [({"label": label}, None), ({"label": label}, header), ({"label": label, "model": "b"}, header)]
+    ]
+    assert [job.model for job in picked] == ["b", "a", "b"]
+    for body, headers in [({"label": label, "model": "c"}, None), ({"label": label}, {"serve_multiplexed_model_id": "c"})]:
+        refused = parse(info, "generate", "application/json", _json(body), headers, catalog)
+        assert (refused.status, refused.code) == (404, "unknown_model") and "'c'" in refused.message and "a, b" in refused.message
+
+
+@pytest.mark.parametrize("fields,code,text", [
+    ({"steps": True}, "invalid_parameter", "steps: must be a number, not a boolean"),
+    ({"steps": 2.5}, "invalid_parameter", "steps: Input should be a valid integer"),
+    ({"steps": 1001}, "invalid_parameter", "steps must be in [1, 1000], got 1001"),
+    ({"num_samples": 5}, "invalid_parameter", "num_samples must be in [1, 4], got 5"),
+    ({"guidance_scale": "inf"}, "invalid_parameter", "guidance_scale: Input should be a finite number"),
+    ({"sampler": "euler"}, "invalid_parameter", "sampler: Input should be 'ddpm'"),
+    ({"label": 7}, "invalid_field", "label: expected a file upload or a base64 string"),
+    ({"label": "@@"}, "invalid_base64", "label: not valid base64"),
+    ({"strength": 1, "mask": "x"}, "unknown_field", "unknown fields ['mask', 'strength']"),
+    ({"label": None}, "missing_field", "missing required field(s): label"),
+])
+def test_the_schema_refuses_with_the_apis_codes_and_names_the_field(info, fields, code, text):
+    body = {k: v for k, v in ({"label": base64.b64encode(LABEL).decode()} | fields).items() if v is not None}
+    refused = parse(info, "generate", "application/json", _json(body))
+    assert isinstance(refused, ApiError) and refused.status == 400 and refused.code == code and text in refused.message, refused

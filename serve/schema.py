@@ -1,0 +1,158 @@
+"""The HTTP API's contract as pydantic models: what requests carry and responses hold. FastAPI publishes them in
+/openapi.json; serve/inputs.py validates every request body with them (JSON and multipart alike)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic_core import PydanticCustomError
+
+from sdm.samplers import SAMPLERS
+from sdm.sampling import MAX_GUIDANCE
+
+MODEL_HEADER = "serve_multiplexed_model_id"  # Ray Serve's header naming the model of a request
+
+
+def _file_bytes(value: Any) -> bytes:
+    """An uploaded file's bytes as they are; a JSON string as base64 (a data: URL prefix is allowed)."""
+    if isinstance(value, bytes):
+        return value
+    if not isinstance(value, str):
+        raise PydanticCustomError("invalid_field", "expected a file upload or a base64 string")
+    if value.startswith("data:"):
+        value = value.split(",", 1)[-1]
+    try:  # MIME base64 is wrapped at 76 columns; whitespace is never part of the data
+        return base64.b64decode("".join(value.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise PydanticCustomError("invalid_base64", "not valid base64") from None
+
+
+def _file(description: str) -> Any:
+    return Annotated[
+        bytes,
+        BeforeValidator(_file_bytes),
+        WithJsonSchema({"type": "string", "contentEncoding": "base64", "description": description}),
+        Field(description=description),
+    ]
+
+
+LabelFile = _file("label map: PNG of class ids (8/16-bit), or an RGB PNG in the model's palette")
+InstanceFile = _file("instance map: PNG of instance ids (models trained with instance edges only)")
+ImageFile = _file("the image to edit: PNG or JPEG")
+MaskFile = _file("PNG, nonzero where the image is regenerated")
+
+
+class SamplingFields(BaseModel):
+    """The sampling parameters of both routes; unset ones take the model's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description=f"which served model draws (GET /v1/models); or the {MODEL_HEADER} header")
+    guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False)
+    steps: int | None = Field(None, ge=1, description="denoising steps; at most the model's limits.max_steps")
+    sampler: Literal[SAMPLERS] | None = None  # type: ignore[valid-type]
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="unset: a random seed, returned in the answer")
+    num_samples: int = Field(1, ge=1, description="images for this label map; at most limits.max_samples")
+
+    @field_validator("guidance_scale", "steps", "seed", "num_samples", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise PydanticCustomError("not_a_number", "must be a number, not a boolean")
+        return value
+
+
+class GenerateRequest(SamplingFields):
+    label: LabelFile
+    instance: InstanceFile | None = None
+
+
+class EditRequest(GenerateRequest):
+    image: ImageFile
+    mask: MaskFile
+
+
+REQUESTS: dict[str, type[GenerateRequest]] = {"generate": GenerateRequest, "edit": EditRequest}
+FILE_FIELDS = {kind: [f for f in m.model_fields if f not in SamplingFields.model_fields] for kind, m in REQUESTS.items()}
+
+
+class Resolution(BaseModel):
+    height: int
+    width: int
+
+
+class SamplingDefaults(BaseModel):
+    guidance_scale: float
+    steps: int
+    sampler: str
+
+
+class RequestLimits(BaseModel):
+    max_steps: int
+    max_samples: int
+    max_body_bytes: int
+    max_image_side: int
+
+
+class ModelDescription(BaseModel):
+    """One served model: what a label map for it must hold, and its sampling defaults."""
+
+    name: str
+    preset: str
+    resolution: Resolution
+    num_classes: int
+    class_names: list[str]
+    palette: list[tuple[int, int, int]]
+    instance_map: bool
+    defaults: SamplingDefaults
+    samplers: list[str]
+    limits: RequestLimits
+
+
+class ModelList(BaseModel):
+    default: str
+    models: list[ModelDescription]
+    max_loaded_per_replica: int
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    models: list[str] = Field(description="the models loaded on the replica that answered the probe")
+    busy: bool = False
+
+
+class Timings(BaseModel):
+    queue_ms: float
+    sampling_ms: float
+    total_ms: float
+
+
+class GenerateResult(BaseModel):
+    """The JSON answer (Accept: application/json, or num_samples > 1); one PNG otherwise."""
+
+    images: list[str] = Field(description="PNG images in base64")
+    model: str
+    seed: int
+    seeds: list[int] = Field(description="the seed of each image")
+    batch_size: int = Field(description="requests that shared the sampling call")
+    timings: Timings
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+def multipart_schema(kind: str) -> dict[str, Any]:
+    """The multipart/form-data variant of a route's JSON schema: files are uploads, parameters form fields."""
+    schema = REQUESTS[kind].model_json_schema()
+    for name in FILE_FIELDS[kind]:
+        schema["properties"][name] = {"type": "string", "format": "binary"}
+    return schema
