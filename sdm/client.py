@@ -3,6 +3,7 @@
     from sdm.client import SDMClient
     client = SDMClient("http://127.0.0.1:8000", token=None)
     images = client.generate(label_ids, guidance_scale=1.5, num_steps=25, seed=7, num_samples=2)  # uint8 [2, H, W, 3]
+    client.models()  # the served models; generate(..., model="ade20k") picks one
 
 Sample k of a call equals sample k of `SDMPipeline.__call__` with the same label map, parameters and seed. A 503
 (the model is overloaded or restarting) is retried with backoff, honouring the server's Retry-After; any other
@@ -48,29 +49,35 @@ class SDMClient:
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
 
-    def model(self) -> dict[str, Any]:
-        """What the server serves: preset, resolution, classes and palette, sampler defaults, limits."""
-        return self._request("GET", "/v1/model").json()
+    def models(self) -> dict[str, Any]:
+        """Every served model: {"default": name, "models": [description, ...], "max_loaded_per_replica": n}."""
+        return self._request("GET", "/v1/models").json()
+
+    def model(self, name: str | None = None) -> dict[str, Any]:
+        """One served model (the default one when `name` is None): preset, resolution, classes and palette,
+        sampler defaults, limits."""
+        return self._request("GET", "/v1/model", params={"model": name} if name else None).json()
 
     def generate(self, label: ImageLike, instance: ImageLike | None = None, guidance_scale: float | None = None,
                  num_steps: int | None = None, sampler: str | None = None, seed: int = 0,
-                 num_samples: int = 1) -> np.ndarray:
+                 num_samples: int = 1, model: str | None = None) -> np.ndarray:
         """Images for one label map (ids, or colours of the model's palette): uint8 [num_samples, H, W, 3].
-        Unset parameters take the model's defaults."""
+        Unset parameters take the model's defaults; `model` names a served model (unset: the default one)."""
         files = {"label": label, "instance": instance}
-        return self._images("/v1/generate", files, guidance_scale, num_steps, sampler, seed, num_samples)
+        return self._images("/v1/generate", files, guidance_scale, num_steps, sampler, seed, num_samples, model)
 
     def edit(self, image: ImageLike, mask: ImageLike, label: ImageLike, instance: ImageLike | None = None,
              guidance_scale: float | None = None, num_steps: int | None = None, sampler: str | None = None,
-             seed: int = 0, num_samples: int = 1) -> np.ndarray:
+             seed: int = 0, num_samples: int = 1, model: str | None = None) -> np.ndarray:
         """The image with the region where `mask` is nonzero regenerated from the (edited) label map."""
         files = {"image": image, "mask": mask, "label": label, "instance": instance}
-        return self._images("/v1/edit", files, guidance_scale, num_steps, sampler, seed, num_samples)
+        return self._images("/v1/edit", files, guidance_scale, num_steps, sampler, seed, num_samples, model)
 
     def _images(self, path: str, files: dict[str, ImageLike | None], guidance_scale: float | None,
-                num_steps: int | None, sampler: str | None, seed: int, num_samples: int) -> np.ndarray:
+                num_steps: int | None, sampler: str | None, seed: int, num_samples: int,
+                model: str | None) -> np.ndarray:
         params = {"guidance_scale": guidance_scale, "steps": num_steps, "sampler": sampler, "seed": seed,
-                  "num_samples": num_samples}
+                  "num_samples": num_samples, "model": model}
         body = {k: v for k, v in params.items() if v is not None}
         body |= {k: base64.b64encode(_file_bytes(v)).decode() for k, v in files.items() if v is not None}
         r = self._request("POST", path, json=body, headers={"Accept": "application/json"})

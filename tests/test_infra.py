@@ -3,7 +3,10 @@ secrets, ports, images, package source) exists in this repository and agrees wit
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
+import itertools
 import json
 import re
 import shlex
@@ -116,17 +119,174 @@ def test_the_kuberay_folder_holds_a_cluster_two_jobs_a_service_and_the_secret():
     assert "jobs.train" in jobs["sdm-train"] and "jobs.generate" in jobs["sdm-generate"]
 
 
+DASHBOARD = INFRA / "grafana/sdm-serve-dashboard.json"
+# Ray names a metric "ray_" + its name, and a counter's samples end in _total, a histogram's in _bucket/_sum/_count.
+SAMPLE_SUFFIXES = {"Counter": ["_total"], "Histogram": ["_bucket", "_sum", "_count"], "Gauge": [""]}
+# The Ray Serve sources whose metrics the dashboard may query (Serve's model multiplexing).
+RAY_SERVE_METRIC_SOURCES = ["serve/multiplex.py"]
+# Panels an operator needs to see each model apart and which replica holds which.
+PER_MODEL_PANELS = {
+    "Models loaded per replica",
+    "Model loads and evictions per minute by model",
+    "Model load time by model",
+    "Images per second by model",
+    "Request latency p99 by model",
+    "Queue wait p99 by model",
+}
+
+
+def _declared_metrics(path: Path) -> dict[str, tuple[str, set[str]]]:
+    """{exported name: (kind, tag keys)} of every Counter/Gauge/Histogram a module declares with a literal name,
+    exported names as Prometheus sees them (ray_ prefix, sample suffixes). Tag keys given by a local tuple are
+    resolved (`model = ("model",)` ... `tag_keys=model`)."""
+    tree = ast.parse(path.read_text())
+    tuples = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                continue
+            if isinstance(value, tuple):
+                tuples[node.targets[0].id] = value
+    declared = {}
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        kind = getattr(node.func, "attr", getattr(node.func, "id", None))
+        if kind not in SAMPLE_SUFFIXES or not node.args or not isinstance(node.args[0], ast.Constant):
+            continue
+        tags: set[str] = set()
+        for kw in node.keywords:
+            if kw.arg == "tag_keys":
+                tags = set(tuples[kw.value.id] if isinstance(kw.value, ast.Name) else ast.literal_eval(kw.value))
+        for suffix in SAMPLE_SUFFIXES[kind]:
+            declared[f"ray_{node.args[0].value}{suffix}"] = (kind, tags)
+    return declared
+
+
+def _app_metrics() -> dict[str, tuple[str, set[str]]]:
+    return _declared_metrics(ROOT / "serve/metrics.py")
+
+
+def _ray_serve_metrics() -> dict[str, tuple[str, set[str]]]:
+    ray_dir = Path(importlib.util.find_spec("ray").origin).parent
+    return {k: v for source in RAY_SERVE_METRIC_SOURCES for k, v in _declared_metrics(ray_dir / source).items()}
+
+
+def _dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text())
+
+
+def _panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every panel, those inside collapsed rows too."""
+    return [p for top in dashboard["panels"] for p in [top, *top.get("panels", [])]]
+
+
+def _queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
+    """(where, PromQL) of every panel target and every query variable (label_values(SELECTOR, label) -> SELECTOR)."""
+    queries = [(f"panel {p['id']} {t['refId']}", t["expr"]) for p in _panels(dashboard) for t in p.get("targets", [])]
+    for var in dashboard["templating"]["list"]:
+        if var["type"] == "query":
+            m = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", var["query"])
+            assert m, f"variable {var['name']}: expected label_values(SELECTOR, label), got {var['query']}"
+            queries.append((f"variable {var['name']}", m.group(1)))
+    return queries
+
+
+def _selectors(expr: str) -> list[tuple[str, str]]:
+    """(metric, label matchers) of every ray_* metric an expression names ("" where it has no {...})."""
+    return [(m.group(1), m.group(2) or "") for m in re.finditer(r"\b(ray_\w+)(?:\{([^}]*)\})?", expr)]
+
+
 def test_the_grafana_dashboard_is_json_and_queries_only_metrics_the_app_exports():
-    dashboard = json.loads((INFRA / "grafana/sdm-serve-dashboard.json").read_text())
-    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
-    assert exprs
-    source = (ROOT / "serve/metrics.py").read_text()
-    suffixes = {"Counter": ["_total"], "Histogram": ["_bucket", "_sum", "_count"], "Gauge": [""]}
-    exported = {
-        f"ray_{name}{s}" for kind, name in re.findall(r"(Counter|Histogram|Gauge)\(\s*\"(\w+)\"", source) for s in suffixes[kind]
+    queries = _queries(_dashboard())
+    assert queries
+    used = {name for _, e in queries for name, _ in _selectors(e)}
+    app, serve = _app_metrics(), _ray_serve_metrics()
+    assert "ray_sdm_model_loaded" in app and "ray_serve_num_multiplexed_models" in serve, "declarations not found"
+    used_app = {n for n in used if n.startswith("ray_sdm_")}
+    assert used_app, "the dashboard queries none of the app's metrics"
+    assert used_app <= set(app), f"the dashboard queries metrics the app does not export: {used_app - set(app)}"
+    used_serve = {n for n in used if n.startswith("ray_serve_")}
+    assert used_serve <= set(serve), (
+        f"the dashboard queries Ray Serve metrics that ray's {RAY_SERVE_METRIC_SOURCES} does not declare: "
+        f"{used_serve - set(serve)}"
+    )
+    assert used == used_app | used_serve, f"the dashboard queries other ray_* metrics: {used - used_app - used_serve}"
+
+
+def test_the_grafana_dashboard_has_a_model_variable_next_to_the_application_variable():
+    variables = _dashboard()["templating"]["list"]
+    names = [v["name"] for v in variables]
+    assert "application" in names and "model" in names, f"dashboard variables: {names}"
+    assert names.index("model") == names.index("application") + 1
+    model = variables[names.index("model")]
+    assert model["type"] == "query" and model["multi"] is True and model["includeAll"] is True
+    assert re.fullmatch(r"label_values\(ray_sdm_model_loaded(\{[^}]*\})?,\s*model\)", model["query"]), model["query"]
+    # "All" as .* rather than the list of loaded models: it keeps requests naming no model (model="") and models
+    # that were asked for but never loaded.
+    assert model.get("allValue") == ".*"
+
+
+def test_the_grafana_dashboard_panels_have_unique_ids_and_do_not_overlap():
+    dashboard = _dashboard()
+    ids = [p["id"] for p in _panels(dashboard)]
+    assert len(ids) == len(set(ids)), f"duplicate panel ids: {sorted(i for i in set(ids) if ids.count(i) > 1)}"
+    boxes = []
+    for p in dashboard["panels"]:  # a collapsed row's panels are laid out only when it opens
+        g = p["gridPos"]
+        assert g["w"] > 0 and g["h"] > 0 and g["x"] >= 0 and g["y"] >= 0, f"panel {p['id']}: {g}"
+        assert g["x"] + g["w"] <= 24, f"panel {p['id']} is wider than the dashboard's 24 columns: {g}"
+        boxes.append((p["id"], g["x"], g["y"], g["x"] + g["w"], g["y"] + g["h"]))
+    for (a, ax0, ay0, ax1, ay1), (b, bx0, by0, bx1, by1) in itertools.combinations(boxes, 2):
+        assert ax1 <= bx0 or bx1 <= ax0 or ay1 <= by0 or by1 <= ay0, f"panels {a} and {b} overlap"
+
+
+def test_every_model_side_panel_filters_by_the_model_variable():
+    dashboard = _dashboard()
+    tagged = {name: tags for name, (_, tags) in (_app_metrics() | _ray_serve_metrics()).items()}
+    model_side = {
+        p["title"]
+        for p in _panels(dashboard)
+        for t in p.get("targets", [])
+        if any("model" in tagged.get(name, ()) for name, _ in _selectors(t["expr"]))
     }
-    used = {name for e in exprs for name in re.findall(r"\bray_sdm_\w+", e)}
-    assert used and used <= exported, f"the dashboard queries metrics the app does not export: {used - exported}"
+    assert PER_MODEL_PANELS <= model_side, f"missing per-model panels: {PER_MODEL_PANELS - model_side}"
+    for where, expr in _queries(dashboard):
+        if not where.startswith("panel"):
+            continue
+        for name, matchers in _selectors(expr):
+            assert 'application=~"$application"' in matchers, f"{where}: {name} is not filtered by $application"
+            if "model" in tagged.get(name, ()):
+                assert 'model=~"$model"' in matchers, f"{where}: {name} is not filtered by model=~\"$model\""
+            if "model_id" in tagged.get(name, ()):
+                assert 'model_id=~"$model"' in matchers, f"{where}: {name} is not filtered by model_id=~\"$model\""
+    (table,) = [p for p in _panels(dashboard) if p["title"] == "Models loaded per replica"]
+    (query,) = table["targets"]
+    assert table["type"] == "table" and query.get("instant") and query.get("format") == "table"
+    assert re.search(r"by \(replica, model\)", query["expr"]) and "ray_sdm_model_loaded" in query["expr"]
+
+
+def _as_promql(expr: str) -> str:
+    """A Grafana query as plain PromQL: its interval variables as 5m, every other variable as .*."""
+    expr = re.sub(r"\$\{?__\w+\}?", "5m", expr)
+    return re.sub(r"\$\{?\w+(?::\w+)?\}?", ".*", expr)
+
+
+def test_promtool_parses_every_dashboard_expression(tmp_path):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool (Debian's prometheus package) is not installed; `make system-deps` installs it")
+    rules = [
+        {"record": f"dashboard:query_{i}:" + re.sub(r"\W+", "_", where), "expr": _as_promql(expr)}
+        for i, (where, expr) in enumerate(_queries(_dashboard()))
+    ]
+    path = tmp_path / "dashboard-rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "sdm-serve-dashboard", "rules": rules}]}))
+    r = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"SUCCESS: {len(rules)} rules found" in r.stdout, r.stdout
 
 
 def test_promtool_accepts_the_scrape_config():
