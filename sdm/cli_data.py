@@ -8,10 +8,11 @@ import time
 
 from sdm import storage
 from sdm.data.card import CARD_FILE
+from sdm.data.export import EXPORT_FILE, LAYOUTS as EXPORT_LAYOUTS, plan_export, run_export
 from sdm.data.inspect import inspect_dataset
 from sdm.data.packers import LAYOUTS, pack, report
 from sdm.data.toy import write_toy_dataset
-from sdm.errors import EXIT_FAILED, StorageError
+from sdm.errors import EXIT_FAILED, DatasetError, StorageError
 
 
 def _store_failed(e: StorageError, dst: str) -> int:
@@ -42,6 +43,24 @@ def cmd_pack(args: argparse.Namespace) -> int:
     return report(card, rejects, args.dst, args.skip_bad)
 
 
+def _export_progress(split: str, done: int, total: int) -> None:
+    print(f"\r{split}: {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    plan = plan_export(args.src, args.dst, args.layout, args.split)  # refuses bad arguments before any write
+    try:
+        counts = run_export(plan, progress=_export_progress)
+    except (StorageError, DatasetError) as e:  # the export started: exit 1, and say how to finish it
+        print(f"error: {e}", file=sys.stderr)
+        print(f"{args.dst} is unfinished (no {EXPORT_FILE}); rerun the same command to write it", file=sys.stderr)
+        return EXIT_FAILED
+    splits = ", ".join(f"{n} {s}" for s, n in counts.items())
+    print(f"exported {args.src} as {args.layout} ({splits}) to {args.dst} in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     sheet = args.sheet or storage.join(args.uri, "contact_sheet.png")
     print(inspect_dataset(args.uri, sheet, n=args.n))
@@ -66,6 +85,13 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-mb", type=float, default=256, help="target shard size in MiB")
     p.add_argument("--skip-bad", action="store_true", help="exit 0 even when samples were rejected")
     p.set_defaults(func=cmd_pack)
+
+    p = data.add_parser("export", help="write a dataset in a layout that trainers read (ADE20K, Cityscapes, HF Parquet)")
+    p.add_argument("src", help="a dataset in the shard format (packed or generated)")
+    p.add_argument("dst", help="output URI (local path, file:// or s3://)")
+    p.add_argument("--layout", required=True, choices=EXPORT_LAYOUTS)
+    p.add_argument("--split", action="append", help="only this split (repeat for more; default: all)")
+    p.set_defaults(func=cmd_export)
 
     p = data.add_parser("inspect", help="print a dataset's card and class histogram, write a contact sheet")
     p.add_argument("uri")
