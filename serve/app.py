@@ -186,7 +186,7 @@ class _Observed:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), [500]
+        start, status = time.perf_counter(), [0]
 
         async def sending(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -197,12 +197,15 @@ class _Observed:
             await self.app(scope, receive, sending)
         except Exception:
             logger.exception("unexpected error on %s %s", scope["method"], scope["path"])
+            if status[0]:  # the answer has begun: nothing better can be sent than a cut connection
+                raise
             await ApiError(500, "internal", "internal error; see the replica's log").response()(scope, receive, sending)
         finally:
+            code = str(status[0] or 499)  # nginx's "client closed request": the caller went away before an answer
             route = getattr(scope.get("route"), "path", "other")
             model = scope.get("state", {}).get("model", "")
             self.metrics = self.metrics or ApiMetrics.create()
-            self.metrics.requests.inc(tags={"route": route, "status": str(status[0]), "model": model})
+            self.metrics.requests.inc(tags={"route": route, "status": code, "model": model})
             self.metrics.latency.observe(time.perf_counter() - start, tags={"route": route, "model": model})
 
 

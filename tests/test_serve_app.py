@@ -230,6 +230,32 @@ def test_head_is_answered_where_get_is_and_405_names_the_allowed_methods(url):
             assert r.status_code == 405 and r.headers["allow"] == "POST"
 
 
+def test_the_openapi_contract_describes_the_routes_and_agrees_with_the_server(url):
+    import jsonschema
+
+    doc = requests.get(f"{url}/openapi.json", timeout=30).json()
+    assert set(doc["paths"]) == {"/healthz", "/v1/models", "/v1/model", "/v1/generate", "/v1/edit"}
+    assert set(doc["paths"]["/v1/generate"]) == {"post"} and set(doc["paths"]["/v1/model"]) == {"get"}
+    post = doc["paths"]["/v1/generate"]["post"]
+    assert set(post["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
+    assert post["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]["label"]["format"] == "binary"
+    assert set(post["responses"]["200"]["content"]) == {"image/png", "application/json"}
+    assert post["responses"]["400"]["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/ErrorBody"
+    assert "HTTPBearer" in doc["components"]["securitySchemes"]
+    schema = post["requestBody"]["content"]["application/json"]["schema"]
+    assert schema["required"] == ["label"] and schema["additionalProperties"] is False
+    label = base64.b64encode(png(label_map())).decode()
+    bodies = [{"label": label, "steps": STEPS}, {"label": label, "steps": 0}, {"label": label, "sampler": "euler"},
+              {"label": label, "guidance_scale": 101}, {"label": label, "strength": 1}, {"steps": STEPS},
+              {"label": label, "seed": -1}, {"label": label, "seed": 5, "sampler": "ddpm", "steps": STEPS}]
+    for body in bodies:  # the published schema refuses what the server refuses, and accepts what it accepts
+        published = jsonschema.Draft202012Validator(schema).is_valid(body)
+        served = requests.post(f"{url}/v1/generate", json=body, timeout=120).status_code
+        assert published == (served == 200), (body, served)
+    docs = requests.get(f"{url}/docs", timeout=30)
+    assert docs.status_code == 200 and "swagger" in docs.text.lower() and "openapi.json" in docs.text
+
+
 def test_the_python_client_draws_the_pipelines_images_and_raises_the_servers_error_codes(url, model_dir):
     from sdm.client import ApiError, SDMClient
 
