@@ -8,6 +8,12 @@ The job's time is its whole run (planning, actor start and model load, read, sam
 without starting Ray itself. The bare loop only samples label maps already decoded in memory. Ray starts
 its workers at nice 15 by default; on a machine shared with other work that alone would make the actor
 lose to the loop, so this cluster runs them at the loop's priority.
+
+Next to each images/s: the achieved model GFLOP/s (FLOPs per image x images/s) and its share of the matmul peak
+measured in the same run, with the loop's threads, in the precision the pipeline samples in (bf16 autocast: the
+bf16 peak). FLOPs per image are counted (bench/flops.py: FlopCounterMode) on one real call of the pipeline's
+sampling runner on one full batch: every step's network evaluation, guided rows as one forward of 2x the images
+(conditional and null branches). Padding rows of a last, partial batch are work but not model FLOPs.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import ray
 import ray.data
 import torch
 
+from flops import Peaks, sampling_flops_per_image, speed_columns
 from jobs.generate import main as generate
 from sdm.data.shards import decode_row, iter_rows
 from sdm.data.toy import write_toy_dataset
@@ -83,18 +90,31 @@ def main() -> None:
     ray.init(address="local", num_cpus=args.cpus + 1, include_dashboard=False, log_to_driver=False,
              _system_config={"worker_niceness": 0})
     ray.data.DataContext.get_current().enable_progress_bars = False
+    params = pipe.params(args.guidance, args.steps, args.sampler)
+    first = samples[: args.batch_size]
+    flops_per_image = sampling_flops_per_image(
+        pipe.runner, pipe.prepare_labels([s["label"] for s in first], [s["instance"] for s in first]), params
+    )
+    peaks = Peaks(pipe.device)
+    peak = peaks(pipe.dtype)
+
+    def rate(images_per_s: float) -> str:
+        achieved, share = speed_columns(flops_per_image, images_per_s, peak)
+        return f"{images_per_s:.2f} images/s ({achieved:.1f} GFLOP/s, {share:.1f}% of peak)"
+
     print(f"{args.items} images of {size}x{size}, {args.sampler} {args.steps} steps, guidance {args.guidance}, "
           f"batch {args.batch_size}, {args.cpus} threads, {pipe.dtype or torch.float32} on {pipe.device}")
+    print(f"model: {flops_per_image / 1e9:.2f} GFLOP per image ({args.steps} network evaluations); {peaks.summary()}")
 
     bare_loop(pipe, samples[: args.batch_size], args)  # warm-up
     bare_s, job_s = [], []
     for r in range(args.rounds):
         bare_s.append(bare_loop(pipe, samples, args))
         job_s.append(ray_job(model, labels, os.path.join(tmp, f"out{r}"), args))
-        print(f"round {r + 1}: bare loop {args.items / bare_s[-1]:.2f} images/s, ray data job {args.items / job_s[-1]:.2f} images/s")
+        print(f"round {r + 1}: bare loop {rate(args.items / bare_s[-1])}, ray data job {rate(args.items / job_s[-1])}")
     bare_rate, job_rate = args.items * args.rounds / sum(bare_s), args.items * args.rounds / sum(job_s)
-    print(f"bare loop: {bare_rate:.2f} images/s")
-    print(f"ray data job: {job_rate:.2f} images/s")
+    print(f"bare loop: {rate(bare_rate)}")
+    print(f"ray data job: {rate(job_rate)}")
     print(f"ratio job/bare: {job_rate / bare_rate:.2f} (target >= 0.9)")
     ray.shutdown()
 

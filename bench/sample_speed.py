@@ -1,6 +1,9 @@
 """Guided sampling speed: float32 vs bfloat16, batched vs two-pass guidance, against the matmul peak.
 
 Measured side by side in one run; the ratios are the result (absolute times drift on a shared machine).
+GFLOP/s counts the model FLOPs of one guided step (bench/flops.py: FlopCounterMode on the real guidance call,
+the conditional and null branches as one forward of 2x the images) times the steps; two-pass guidance runs the
+same FLOPs in two forwards. % peak is against the matmul peak measured in the same run in that row's precision.
 
     python bench/sample_speed.py --preset ade20k --width 64 --size 64 --batch 4 --steps 5
     python bench/sample_speed.py --device cuda --preset ade20k --width 256 --size 256 --batch 8 --steps 20
@@ -13,50 +16,12 @@ import dataclasses
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
+from flops import Peaks, device_name, guided_step_flops, speed_columns, synchronize
 from sdm.config import ModelConfig, SDMConfig, get_preset
 from sdm.diffusion import GaussianDiffusion
 from sdm.samplers import NoiseSource, make_denoiser, sample
 from sdm.unet import SDMUNet, count_parameters
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued kernels, so wall-clock times cover the work (CUDA launches asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: int = 10) -> float:
-    """Measured GFLOP/s of an n x n matmul. On CUDA, fp32 matmuls use TF32 when cuDNN's convolutions do, so the
-    peak matches what the network's fp32 convolutions run on."""
-    n = n if device.type == "cpu" else 4 * n
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
-    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-    a @ b
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    synchronize(device)
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
-
-
-def forward_gflops(net: torch.nn.Module, batch: int, cfg, device: torch.device) -> float:
-    h, w = cfg.image_size
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        net(
-            torch.randn(batch, 3, h, w, device=device),
-            torch.zeros(batch, device=device),
-            torch.rand(batch, cfg.label_channels, h, w, device=device),
-        )
-    return counter.get_total_flops() / 1e9
 
 
 def time_sampling(net, cfg, diffusion, batch: int, steps: int, dtype, batched: bool, repeats: int, device: torch.device) -> float:
@@ -108,26 +73,30 @@ def main() -> None:
     cfg = scaled_model(preset, args.width, args.size)
     net = SDMUNet(cfg).eval().to(device)
     diffusion = GaussianDiffusion.from_config(preset.diffusion, cfg.learn_sigma)
-    gflop_step = forward_gflops(net, 2 * args.batch, cfg, device)
-    peaks = {"fp32": matmul_peak(torch.float32, device), "bf16": matmul_peak(torch.bfloat16, device)}
+    step_flops = guided_step_flops(net, cfg, args.batch, 1.5, device)
+    image_flops = step_flops * args.steps / args.batch
+    peaks = Peaks(device)
+    for prec in ("fp32", "bf16"):
+        peaks(prec)
     print(
         f"{args.preset} structure at width {cfg.model_channels}, {cfg.image_size[0]}x{cfg.image_size[1]}, "
         f"{count_parameters(net) / 1e6:.1f}M params, batch {args.batch}, guidance 1.5, DDIM {args.steps} steps, "
         f"on {device_name(device)}"
     )
-    print(f"network: {gflop_step:.2f} GFLOP per guided step (both branches, {2 * args.batch} images)")
-    print(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s\n")
+    print(
+        f"network: {step_flops / 1e9:.2f} GFLOP per guided step (both branches, {2 * args.batch} images), "
+        f"{image_flops / 1e9:.2f} GFLOP per image over {args.steps} steps"
+    )
+    print(peaks.summary() + "\n")
     print(f"{'precision':<10}{'guidance':<10}{'ms/step':>10}{'images/s':>10}{'GFLOP/s':>10}{'% peak':>8}")
     results = {}
     for prec, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
         for mode, batched in (("batched", True), ("two-pass", False)):
             sec = time_sampling(net, cfg, diffusion, args.batch, args.steps, dtype, batched, args.repeats, device)
             results[prec, mode] = sec
-            achieved = gflop_step / sec
-            print(
-                f"{prec:<10}{mode:<10}{sec * 1e3:>10.1f}{args.batch / (sec * args.steps):>10.2f}"
-                f"{achieved:>10.0f}{100 * achieved / peaks[prec]:>7.0f}%"
-            )
+            images_s = args.batch / (sec * args.steps)
+            achieved, share = speed_columns(image_flops, images_s, peaks(prec))
+            print(f"{prec:<10}{mode:<10}{sec * 1e3:>10.1f}{images_s:>10.2f}{achieved:>10.1f}{share:>7.1f}%")
     print()
     print(f"bf16 / fp32 speed-up (batched):        {results['fp32', 'batched'] / results['bf16', 'batched']:.2f}x")
     print(f"batched / two-pass speed-up (bf16):    {results['bf16', 'two-pass'] / results['bf16', 'batched']:.2f}x")

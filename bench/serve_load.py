@@ -7,6 +7,13 @@ batching on and off (max batch 1), against a direct in-process pipeline call. Pr
 Every mode runs one model replica with one CPU thread (or the replica's GPU), and the direct calls use the
 same thread count, so the ratios compare like with like. At concurrency 1 the three modes take turns request
 by request; "direct" at concurrency c > 1 is one pipeline call on c label maps: the ceiling of batching.
+
+Next to each img/s: the achieved model GFLOP/s (FLOPs per image x img/s) and its share of the matmul peak measured
+in the same run with one thread (or on the GPU), in the precision the pipeline samples in (bf16 autocast: the bf16
+peak). FLOPs per image are counted (bench/flops.py: FlopCounterMode) on one real call of the pipeline's sampling
+runner on a full micro-batch: every step's guided network evaluation, the conditional and null branches as one
+forward of 2x the images. A request of fewer images than the micro-batch runs padding rows too; they are work but
+not model FLOPs, so they show as a lower share of the peak.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import requests
 import torch
 from PIL import Image
 
+from flops import Peaks, sampling_flops_per_image, speed_columns
 from sdm.pipeline import SDMPipeline
 from sdm.testing import save_random_model
 
@@ -121,6 +129,14 @@ def main() -> None:
     m = pipe.config.model
     label_png = _label_png(tuple(m.image_size), m.num_classes)
     label = np.array(Image.open(io.BytesIO(label_png)))
+    flops_per_image = sampling_flops_per_image(
+        pipe.runner, pipe.prepare_labels([label] * pipe.runner.micro_batch), pipe.params(num_steps=args.steps)
+    )
+    peaks = Peaks(pipe.device)
+    peak = peaks(pipe.dtype)
+
+    def gflops(img_s: float) -> tuple[float, float]:
+        return speed_columns(flops_per_image, img_s, peak)
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, num_gpus=int(args.num_gpus) or None)
     port = _free_port()
@@ -160,17 +176,22 @@ def main() -> None:
                 n = max(16, args.rounds * c)
                 lat, wall, mean_batch = bench_http(f"http://127.0.0.1:{port}/{mode.split()[1]}", label_png, args.steps, c, n)
                 rows.append(_row(mode, c, lat, n, wall, mean_batch))
-            print("  " + ", ".join(f"{r['mode']} {r['img_s']:.2f} img/s" for r in rows[-3:]) + f" at c={c}", flush=True)
+            print("  " + ", ".join(f"{r['mode']} {r['img_s']:.2f} img/s ({gflops(r['img_s'])[0]:.1f} GFLOP/s)" for r in rows[-3:])
+                  + f" at c={c}", flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
         tmp.cleanup()
 
     print(f"\n{m.image_size[0]}x{m.image_size[1]} {pipe.config.name}, {args.steps} DDIM steps, guidance on, device {pipe.device}")
-    print(f"{'mode':<16} {'conc':>4} {'images':>6} {'batch':>6} {'img/s':>8} {'p50 ms':>9} {'p99 ms':>9}")
+    print(f"model: {flops_per_image / 1e9:.2f} GFLOP per image, micro-batch {pipe.runner.micro_batch}, "
+          f"{pipe.dtype or torch.float32}; {peaks.summary()}")
+    print(f"{'mode':<16} {'conc':>4} {'images':>6} {'batch':>6} {'img/s':>8} {'GFLOP/s':>8} {'% peak':>7} {'p50 ms':>9} {'p99 ms':>9}")
     for r in sorted(rows, key=lambda r: (r["mode"], r["c"])):
+        achieved, share = gflops(r["img_s"])
         print(
-            f"{r['mode']:<16} {r['c']:>4} {r['n']:>6} {r['batch']:>6.1f} {r['img_s']:>8.2f} {r['p50']:>9.1f} {r['p99']:>9.1f}"
+            f"{r['mode']:<16} {r['c']:>4} {r['n']:>6} {r['batch']:>6.1f} {r['img_s']:>8.2f} {achieved:>8.1f} {share:>6.1f}%"
+            f" {r['p50']:>9.1f} {r['p99']:>9.1f}"
         )
     by = {(r["mode"], r["c"]): r for r in rows}
     print()

@@ -3,6 +3,10 @@
 Each precision trains a fresh copy of the same network (same seed) on the same fixed batches for the same
 steps, side by side in one run on one device. Printed: images/s after a warm-up, the loss at the start and
 at the end (the batches are few, so a working step drives it down), and the steps skipped as non-finite.
+Next to images/s: the achieved model GFLOP/s (FLOPs per image x images/s) and its share of the matmul peak
+measured in the same run on the same device in that row's compute dtype (fp32, bf16, fp16). The FLOPs are
+counted (bench/flops.py: FlopCounterMode) on each precision's first warm-up step, a real train_step: the
+forward under that autocast and the scaled loss's backward.
 
     python bench/train_precision.py --preset tiny --steps 40
     python bench/train_precision.py --device cuda --preset ade20k --width 128 --size 128 --batch 16 --steps 60
@@ -16,7 +20,8 @@ import time
 
 import torch
 
-from sample_speed import device_name, scaled_model, synchronize
+from flops import Peaks, count_flops, device_name, speed_columns, synchronize
+from sample_speed import scaled_model
 from sdm.config import SDMConfig, get_preset
 from sdm.device import training_precision
 from sdm.diffusion import GaussianDiffusion
@@ -35,17 +40,23 @@ def run(cfg: SDMConfig, batches, steps: int, warmup: int, precision: str, device
     diffusion = GaussianDiffusion.from_config(cfg.diffusion, cfg.model.learn_sigma)
     gen = torch.Generator().manual_seed(0)
     losses, skipped, start = [], 0, 0.0
+    batch = batches[0][0].shape[0]
     for step in range(steps):
         if step == warmup:
             synchronize(device)
             start = time.perf_counter()
-        r = train_step(net, opt, diffusion, [batches[step % len(batches)]], cfg, 0.0, gen, dtype, scaler)
+        step_args = (net, opt, diffusion, [batches[step % len(batches)]], cfg, 0.0, gen, dtype, scaler)
+        if step == 0:  # a warm-up step, counted
+            r, flops = count_flops(train_step, *step_args)
+        else:
+            r = train_step(*step_args)
         losses.append(r.loss)
         skipped += not r.finite
     synchronize(device)
     n = max(steps // 10, 1)
     return {
-        "img/s": (steps - warmup) * batches[0][0].shape[0] / (time.perf_counter() - start),
+        "img/s": (steps - warmup) * batch / (time.perf_counter() - start),
+        "flops/image": flops / batch,
         "start": sum(losses[:n]) / n,
         "end": sum(losses[-n:]) / n,
         "skipped": skipped,
@@ -72,13 +83,19 @@ def main() -> None:
     params = count_parameters(SDMUNet(cfg.model)) / 1e6
     print(
         f"{args.preset} structure at width {model.model_channels}, {model.image_size[0]}x{model.image_size[1]}, "
-        f"{params:.1f}M params, batch {args.batch}, {args.steps} steps ({args.warmup} warm-up) on {device_name(device)}\n"
+        f"{params:.1f}M params, batch {args.batch}, {args.steps} steps ({args.warmup} warm-up) on {device_name(device)}"
     )
-    print(f"{'precision':<13}{'images/s':>10}{'loss start':>12}{'loss end':>10}{'skipped':>9}")
+    peaks = Peaks(device)
+    for precision in PRECISIONS.values():
+        peaks(training_precision(device, precision)[0])
+    print(peaks.summary() + "\n")
+    print(f"{'precision':<13}{'images/s':>10}{'GFLOP/s':>10}{'% peak':>8}{'loss start':>12}{'loss end':>10}{'skipped':>9}")
     results = {}
     for name, precision in PRECISIONS.items():
         r = results[name] = run(cfg, batches, args.steps, args.warmup, precision, device)
-        print(f"{name:<13}{r['img/s']:>10.2f}{r['start']:>12.4f}{r['end']:>10.4f}{r['skipped']:>9d}")
+        achieved, share = speed_columns(r["flops/image"], r["img/s"], peaks(training_precision(device, precision)[0]))
+        print(f"{name:<13}{r['img/s']:>10.2f}{achieved:>10.1f}{share:>7.1f}%{r['start']:>12.4f}{r['end']:>10.4f}{r['skipped']:>9d}")
+    print(f"model: {results['fp32']['flops/image'] / 1e9:.3f} GFLOP per image per train step (forward + backward)")
     print()
     for name in ("bf16", "fp16+scaler"):
         print(f"{name} / fp32 images/s: {results[name]['img/s'] / results['fp32']['img/s']:.2f}x")

@@ -4,6 +4,12 @@ Same model, batch, data and steps, measured side by side in one run; the ratio i
 dataset holds more images than the run trains on, as a real one does: with fewer (`--samples 512`), the measured
 steps include an epoch boundary, where the Ray Data pipeline starts again.
 
+Next to each images/s: the achieved model GFLOP/s, FLOPs per image x images/s, and its share of the fp32 matmul
+peak measured in the same run with the same threads (both paths train in fp32 on the CPU, the training precision
+policy's "auto" there). The FLOPs per image are counted (bench/flops.py: FlopCounterMode) on the bare loop's
+first warm-up step, a real train_step: the forward and the loss's backward of the same model and batch that
+the Ray Train worker runs.
+
     python bench/train_throughput.py --steps 60 --batch-size 16
 """
 
@@ -18,6 +24,7 @@ import numpy as np
 import torch
 
 from jobs import train
+from flops import Peaks, count_flops, speed_columns
 from sdm.config import get_preset
 from sdm.data.preprocess import preprocess_train
 from sdm.data.shards import iter_samples
@@ -28,8 +35,9 @@ from sdm.training import make_ema, train_step
 from sdm.unet import SDMUNet
 
 
-def bare_loop(data: str, steps: int, batch: int, measure_from: int) -> float:
-    """images/s of a plain loop over the same shards, preprocessing and train step, after a warm-up."""
+def bare_loop(data: str, steps: int, batch: int, measure_from: int) -> tuple[float, float]:
+    """(images/s of a plain loop over the same shards, preprocessing and train step, after a warm-up; model
+    FLOPs per image of its first step)."""
     cfg = get_preset("tiny")
     torch.manual_seed(0)
     net = SDMUNet(cfg.model).train()
@@ -55,9 +63,12 @@ def bare_loop(data: str, steps: int, batch: int, measure_from: int) -> float:
         b = next(it)
         x0 = torch.from_numpy(np.stack([o["image"] for o in b]))
         label = encode_raw_labels(torch.from_numpy(np.stack([o["label"] for o in b])), torch.from_numpy(np.stack([o["instance"] for o in b])), cfg)
-        train_step(net, opt, diffusion, [(x0, label)], cfg, 0.0, gen)
+        if step == 0:  # a warm-up step, counted
+            flops_per_image = count_flops(train_step, net, opt, diffusion, [(x0, label)], cfg, 0.0, gen)[1] / batch
+        else:
+            train_step(net, opt, diffusion, [(x0, label)], cfg, 0.0, gen)
         ema.update_parameters(net)
-    return (steps - measure_from) * batch / (time.perf_counter() - start)
+    return (steps - measure_from) * batch / (time.perf_counter() - start), flops_per_image
 
 
 def ray_train(data: str, run: str, steps: int, batch: int, measure_from: int) -> float:
@@ -82,12 +93,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "data")
         write_toy_dataset(data, n=args.samples, seed=0)
-        bare = bare_loop(data, args.steps, args.batch_size, warm)
+        bare, flops_per_image = bare_loop(data, args.steps, args.batch_size, warm)
         ray_ips = ray_train(data, os.path.join(tmp, "run"), args.steps, args.batch_size, warm)
+    peak = Peaks("cpu")
+    peak("fp32")
     print(f"tiny preset, 32x32, batch {args.batch_size}, {args.steps - warm} measured steps after {warm} warm-up steps")
-    print(f"{'path':<28}{'images/s':>10}")
-    print(f"{'bare PyTorch loop':<28}{bare:>10.1f}")
-    print(f"{'Ray Train, 1 worker':<28}{ray_ips:>10.1f}")
+    print(f"model: {flops_per_image / 1e9:.3f} GFLOP per image per train step (forward + backward), fp32")
+    print(peak.summary())
+    print(f"{'path':<28}{'images/s':>10}{'GFLOP/s':>10}{'% peak':>8}")
+    for name, ips in (("bare PyTorch loop", bare), ("Ray Train, 1 worker", ray_ips)):
+        achieved, share = speed_columns(flops_per_image, ips, peak("fp32"))
+        print(f"{name:<28}{ips:>10.1f}{achieved:>10.1f}{share:>7.1f}%")
     print(f"Ray Train / bare: {ray_ips / bare:.3f}  (overhead {100 * (1 - ray_ips / bare):.1f}%; target under 10%)")
 
 
