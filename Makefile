@@ -31,7 +31,7 @@ system-deps:
 	else echo "missing system packages:$$missing (apt-get install them as root); the tests that need them skip"; fi
 
 test: $(STAMP) system-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 bench: $(STAMP)
 	$(PY) bench/sample_speed.py

@@ -7,7 +7,8 @@ dashboard shows each model apart and which replica holds which (`sdm_model_loade
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 
 from ray.serve.metrics import Counter, Gauge, Histogram
 
@@ -32,6 +33,27 @@ class ApiMetrics:
         )
 
 
+class LiveGauges:
+    """Gauge values reported again every second. Ray's metrics agent drops a gauge series whose emitter has not
+    refreshed it within two report intervals, so a value set once (a load time, a model held) would vanish from
+    Prometheus half a minute later."""
+
+    PERIOD_S = 1.0  # under the shortest expiry: two report intervals of at least one second
+
+    def __init__(self) -> None:
+        self.values: dict[tuple[int, tuple[tuple[str, str], ...]], tuple[Gauge, float, dict[str, str]]] = {}
+
+    def set(self, gauge: Gauge, value: float, tags: dict[str, str]) -> None:
+        self.values[(id(gauge), tuple(sorted(tags.items())))] = (gauge, value, tags)
+        gauge.set(value, tags=tags)
+
+    async def keep_reporting(self) -> None:
+        while True:
+            await asyncio.sleep(self.PERIOD_S)
+            for gauge, value, tags in list(self.values.values()):
+                gauge.set(value, tags=tags)
+
+
 @dataclass
 class ModelMetrics:
     batch_size: Histogram
@@ -43,6 +65,7 @@ class ModelMetrics:
     loads: Counter
     evictions: Counter
     cancelled: Counter
+    live: LiveGauges = field(default_factory=LiveGauges)  # how every gauge above is set
 
     @classmethod
     def create(cls) -> "ModelMetrics":

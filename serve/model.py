@@ -45,7 +45,7 @@ class LoadedModel:
         self.name, self.pipe, self.metrics, self.held = name, pipe, metrics, held
         self.released = False
         held[name] = self
-        metrics.loaded.set(1, tags={"model": name})
+        metrics.live.set(metrics.loaded, 1, {"model": name})
         metrics.loads.inc(tags={"model": name})
 
     def __del__(self) -> None:
@@ -53,7 +53,7 @@ class LoadedModel:
             return
         self.released = True
         self.held.pop(self.name, None)
-        self.metrics.loaded.set(0, tags={"model": self.name})
+        self.metrics.live.set(self.metrics.loaded, 0, {"model": self.name})
         self.metrics.evictions.inc(tags={"model": self.name})
 
 
@@ -90,6 +90,7 @@ class SDMModel:
         """`models`: name -> URI of every model this deployment may serve; at most `max_loaded` are held at once."""
         self.uris, self.device, self.precision = models, device, precision
         self.metrics = ModelMetrics.create()
+        self._reporting = asyncio.get_running_loop().create_task(self.metrics.live.keep_reporting())
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.held: dict[str, LoadedModel] = {}
         self.max_queue_wait_s = max_queue_wait_s
@@ -107,7 +108,7 @@ class SDMModel:
         start = time.perf_counter()
         pipe = SDMPipeline.from_pretrained(self.uris[name], device=self.device, precision=self.precision)
         _probe(pipe)
-        self.metrics.load_time.set(time.perf_counter() - start, tags={"model": name})
+        self.metrics.live.set(self.metrics.load_time, time.perf_counter() - start, {"model": name})
         return LoadedModel(name, pipe, self.metrics, self.held)
 
     async def check_health(self) -> None:
@@ -177,7 +178,7 @@ class SDMModel:
             tags = {"model": job.model}
             self.metrics.batch_size.observe(len(group), tags=tags)
             self.metrics.images.inc(len(images), tags=tags | {"kind": job.kind})
-            self.metrics.steps_per_second.set(len(images) * job.steps / elapsed, tags=tags)
+            self.metrics.live.set(self.metrics.steps_per_second, len(images) * job.steps / elapsed, tags)
             row = 0
             for i, p in zip(idxs, group):
                 n = len(p.seeds)
