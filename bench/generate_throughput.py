@@ -53,7 +53,7 @@ def ray_job(model: str, labels: str, out: str, args: argparse.Namespace) -> floa
     """Seconds for the whole generation job (progress output swallowed)."""
     argv = ["--model", model, "--labels", labels, "--out", out, "--sampler", args.sampler, "--steps", str(args.steps),
             "--guidance", str(args.guidance), "--seed", str(args.seed), "--batch-size", str(args.batch_size),
-            "--micro-batch", str(args.batch_size), "--shard-rows", str(4 * args.batch_size),
+            "--micro-batch", str(args.batch_size), "--shard-rows", str(4 * args.batch_size), "--segmenter", "none",
             "--concurrency", "1", "--cpus-per-worker", str(args.cpus)]
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):

@@ -30,6 +30,9 @@ from sdm.metrics.image_sets import open_set
 from sdm.pipeline import SDMPipeline
 
 
+SEGMENTER_STEPS = 200
+
+
 def _banner(text: str) -> None:
     print(f"\n=== {text}", flush=True)
 
@@ -81,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         return status
 
     _banner(f"4/6 bulk generation on Ray Data: {args.samples_per_label} images per validation label map -> {gen}")
-    if status := generate.run(GenerateSpec(model=ft, labels=data, split="val", out=gen, samples_per_label=args.samples_per_label)):
+    # The segmenter that scores each pair is the one the evaluation trains (same data, steps and cache): trained once.
+    if status := generate.run(GenerateSpec(model=ft, labels=data, split="val", out=gen, samples_per_label=args.samples_per_label,
+                                           segmenter_steps=SEGMENTER_STEPS, cache_dir=storage.join(args.out, "cache"))):
         return status
 
     _banner(f"5/6 evaluation of the generated dataset against the real validation images -> {report}")
@@ -122,7 +127,7 @@ def _evaluate(data: str, gen: str, report: str, out: str) -> dict:
         if results["generated"]["checksum"] == open_set(gen).checksum and results["settings"]["metrics"] == list(metrics):
             print("complete already; reusing it")
             return results
-    settings = EvalSettings(real=data, generated=gen, out=report, metrics=metrics, segmenter_steps=200,
+    settings = EvalSettings(real=data, generated=gen, out=report, metrics=metrics, segmenter_steps=SEGMENTER_STEPS,
                             cache_dir=storage.join(out, "cache"))
     return evaluate(settings, log=lambda msg: print(msg, flush=True))
 

@@ -85,10 +85,19 @@ class GenerateSpec:
     precision: str = "auto"
     shard_rows: int = 256
     max_aspect_change: float = 0.05
+    segmenter: str = "builtin"  # or "none", a built-in segmenter directory, a TorchScript file, module:callable
+    segmenter_data: str | None = None  # the built-in segmenter's training data; default: labels, when a dataset
+    segmenter_steps: int = 300
+    cache_dir: str | None = None
+    min_consistency: float | None = None
+    max_retries: int = 0
+    layouts_per_map: int = 0
     num_gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
     concurrency: int | tuple[int, int] = 1
     address: str | None = None
 
     def __post_init__(self) -> None:
-        _absolute(self, "model", "labels", "instances", "out")  # the actors read and write them
+        _absolute(self, "model", "labels", "instances", "out", "segmenter_data", "cache_dir")  # the actors read and write them
+        if self.segmenter not in ("builtin", "none") and storage.exists(self.segmenter):  # else module:callable
+            _absolute(self, "segmenter")

@@ -14,7 +14,9 @@ Layout of an output URI:
 Label map `key` is sampled as one call of the library's runner with seed derive_seed(seed, key) (recorded per row
 as `seed`, with the sample's index as `sample_index`), in network batches of a fixed size, so a sample's bytes
 depend on neither batch composition, worker count nor partitioning, and any other door (the pipeline,
-`sdm sample`, HTTP) given that seed and the same settings draws the same sample k.
+`sdm sample`, HTTP) given that seed and the same settings draws the same sample k. A pair redrawn because its label
+consistency fell below the threshold (attempt a > 0) comes from a call with seed derive_seed(seed, key, "attempt", a),
+which its row records instead, so the same redraw promise holds for it.
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ GENERATED_SCHEMA = pa.schema(
         pa.field("sampler", pa.string()),
         pa.field("steps", pa.int32()),
         pa.field("guidance", pa.float64()),
+        pa.field("attempt", pa.int32()),
+        pa.field("consistency", pa.float64()),  # null when the job scored nothing (--segmenter none)
+        pa.field("pixel_accuracy", pa.float64()),
     ]
 )
 
@@ -76,6 +81,9 @@ class GenerationSettings:
     precision: str = "auto"
     output_format: str = "shards"  # or "folder": image and label PNG files as well
     seed_rule: int = 2  # label map `key` is a call with seed derive_seed(seed, key); outputs without it seeded each sample
+    segmenter: str = "none"  # what scores label consistency: it decides which pairs pass the threshold
+    min_consistency: float | None = None
+    max_retries: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,14 +97,15 @@ def output_key(source_key: str, k: int) -> str:
     return f"{source_key}_{k}"
 
 
-def call_seed(seed: int, source_key: str) -> int:
-    """The seed of the call that samples label map `source_key`: what the row records, and what another door takes."""
-    return derive_seed(seed, source_key)
+def call_seed(seed: int, source_key: str, attempt: int = 0) -> int:
+    """The seed of the call that samples label map `source_key` (on its `attempt`-th redraw): what the row records,
+    and what another door takes."""
+    return derive_seed(seed, source_key) if attempt == 0 else derive_seed(seed, source_key, "attempt", attempt)
 
 
-def sample_seed(seed: int, source_key: str, k: int) -> int:
+def sample_seed(seed: int, source_key: str, k: int, attempt: int = 0) -> int:
     """The noise seed of sample k of label map `source_key`."""
-    return derive_seed(call_seed(seed, source_key), k)  # sample k of that call: sdm.sampling.sample_seeds
+    return derive_seed(call_seed(seed, source_key, attempt), k)  # sample k of that call: sdm.sampling.sample_seeds
 
 
 def check_source_card(card: DatasetCard, source_uri: str, config: SDMConfig, model_uri: str) -> None:
@@ -133,25 +142,54 @@ def sample_images(
     return pipe.runner(inputs, [int(s) for s in seeds], settings.params())
 
 
+@dataclass(frozen=True)
+class Draw:
+    """Which draw of sample k of a label map a row holds, and how consistent it came out (None: not scored)."""
+
+    k: int
+    attempt: int = 0
+    consistency: float | None = None
+    pixel_accuracy: float | None = None
+
+
 def generated_row(
-    source_key: str, k: int, split: str, image: np.ndarray, label_png: bytes, instance_png: bytes | None, settings: GenerationSettings
+    source_key: str, draw: Draw, split: str, image: np.ndarray, label_png: bytes, instance_png: bytes | None, settings: GenerationSettings
 ) -> dict[str, Any]:
     """A row of a generated dataset: the image, the label map it came from, and how it was made."""
     h, w = image.shape[:2]
     return make_row(
-        output_key(source_key, k), split, encode_png(image), label_png, instance_png, h, w,
-        source_key=source_key, sample_index=k, seed=call_seed(settings.seed, source_key),
+        output_key(source_key, draw.k), split, encode_png(image), label_png, instance_png, h, w,
+        source_key=source_key, sample_index=draw.k, seed=call_seed(settings.seed, source_key, draw.attempt),
         model_id=settings.model_id, sampler=settings.sampler, steps=settings.steps, guidance=float(settings.guidance),
+        attempt=draw.attempt, consistency=draw.consistency, pixel_accuracy=draw.pixel_accuracy,
     )
+
+
+CONSISTENCY_REJECT = "label consistency"
+
+
+def consistency_reject(source_key: str, split: str, draw: Draw, settings: GenerationSettings) -> Reject:
+    """The reject of a pair whose last draw stayed below the threshold."""
+    c = draw.consistency
+    score = "not measurable (no pixel of a segmenter class)" if c is None or not np.isfinite(c) else f"{c:.4f}"
+    reason = f"{CONSISTENCY_REJECT} {score} below --min-consistency {settings.min_consistency} after {draw.attempt + 1} draws"
+    return Reject(output_key(source_key, draw.k), split, reason, c if c is not None and np.isfinite(c) else None)
+
+
+def passes(settings: GenerationSettings, consistency: float | None) -> bool:
+    """Whether a pair is kept: always without a threshold; with one, a NaN score (nothing scorable) fails."""
+    return settings.min_consistency is None or (consistency is not None and consistency >= settings.min_consistency)
 
 
 @dataclass
 class Reject:
-    """An input item that could not be used (the packers' rejects.jsonl format)."""
+    """An input item that could not be used (the packers' rejects.jsonl format), or a generated pair below the
+    consistency threshold after its last redraw (key `<source key>_<k>`, with its score)."""
 
     key: str
     split: str
     reason: str
+    consistency: float | None = None
 
 
 class GenerationOutput:
@@ -196,7 +234,8 @@ class GenerationOutput:
             for r in part:
                 writer.add(r)
             (info,) = writer.close()
-            record = {"shard": asdict(info), "keys": [r["key"] for r in part]}
+            record = {"shard": asdict(info), "keys": [r["key"] for r in part],
+                      "consistency": [r["consistency"] for r in part], "attempts": [r["attempt"] for r in part]}
             storage.write_bytes(self._record_uri(info.path), json.dumps(record).encode())
             infos.append(info)
         return infos
@@ -205,8 +244,9 @@ class GenerationOutput:
         stem = posixpath.splitext(posixpath.basename(shard_path))[0]
         return storage.join(self.uri, PROGRESS_DIR, f"{stem}.json")
 
-    def finalize(self, base: DatasetCard, rejects: list[Reject]) -> DatasetCard:
-        """Remove unfinished shards, write the rejects file, then the card over every finished shard."""
+    def finalize(self, base: DatasetCard, rejects: list[Reject], settings: GenerationSettings) -> DatasetCard:
+        """Remove unfinished shards, write the rejects file, then the card over every finished shard, with the
+        consistency summary of every row in them."""
         records = self._records()
         keys = [k for r in records for k in r["keys"]]
         if len(keys) != len(set(keys)):
@@ -217,7 +257,7 @@ class GenerationOutput:
         for name in storage.list_files(shard_dir, ".parquet"):
             if name not in finished:
                 storage.delete(storage.join(shard_dir, name))
-        lines = [json.dumps(asdict(r)) + "\n" for r in sorted(rejects, key=lambda r: r.key)]
+        lines = [json.dumps({k: v for k, v in asdict(r).items() if v is not None}) + "\n" for r in sorted(rejects, key=lambda r: r.key)]
         storage.write_bytes(storage.join(self.uri, REJECTS_FILE), "".join(lines).encode())
         sizes: dict[str, int] = {}
         for s in shards:
@@ -225,7 +265,23 @@ class GenerationOutput:
         card = DatasetCard(
             name=base.name, num_classes=base.num_classes, class_names=base.class_names, palette=base.palette,
             has_instance=base.has_instance, split_sizes=dict(sorted(sizes.items())), shards=shards,
-            extra={**base.extra, "rejects": len(rejects)},
+            extra={**base.extra, "rejects": len(rejects), "consistency": consistency_summary(records, rejects, settings)},
         )
         write_card(self.uri, card)
         return card
+
+
+def consistency_summary(records: list[dict[str, Any]], rejects: list[Reject], settings: GenerationSettings) -> dict[str, Any]:
+    """What the card says of label consistency: the segmenter, the threshold, and the scores of the rows kept."""
+    scores = np.array([c for r in records for c in r.get("consistency", []) if c is not None], dtype=np.float64)
+    scores = scores[np.isfinite(scores)]
+    redrawn = sum(1 for r in records for a in r.get("attempts", []) if a)
+    summary: dict[str, Any] = {
+        "segmenter": settings.segmenter, "min_consistency": settings.min_consistency, "max_retries": settings.max_retries,
+        "scored": int(scores.size), "kept_after_redraw": redrawn,
+        "rejected": sum(1 for r in rejects if r.reason.startswith(CONSISTENCY_REJECT)),
+    }
+    if scores.size:
+        q = np.quantile(scores, [0.1, 0.5, 0.9])
+        summary.update(mean=float(scores.mean()), p10=float(q[0]), median=float(q[1]), p90=float(q[2]), min=float(scores.min()))
+    return summary

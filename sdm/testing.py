@@ -14,7 +14,7 @@ from sdm.config import ModelConfig, SDMConfig, get_preset
 from sdm.data.card import read_card
 from sdm.data.shards import iter_samples
 from sdm.imageio import encode_png
-from sdm.generate import GenerationOutput, GenerationSettings, generated_row
+from sdm.generate import Draw, GenerationOutput, GenerationSettings, generated_row
 from sdm.labels import label_input
 from sdm.unet import SDMUNet
 
@@ -77,8 +77,15 @@ def write_painted_generation(uri: str, data: str, paint: Callable[[np.random.Gen
     out.claim(settings)
     rng = np.random.default_rng(1)
     val = list(iter_samples(data, split="val"))[:maps]
-    rows = [generated_row(s["key"], j, "val", paint(rng, s), encode_png(s["label"]), encode_png(s["instance"]), settings)
+    rows = [generated_row(s["key"], Draw(j), "val", paint(rng, s), encode_png(s["label"]), encode_png(s["instance"]), settings)
             for s in val for j in range(k)]
     out.write(rows, folder=True)
-    out.finalize(read_card(data), [])
+    out.finalize(read_card(data), [], settings)
     return uri
+
+
+def parity_segmenter(x: torch.Tensor) -> torch.Tensor:
+    """A segmenter for tests (`sdm.testing:parity_segmenter`): class 0 or 1 by the parity of a pixel's red level.
+    Deterministic, and it follows the sampling noise rather than the image's layout, so on a label map of class 0
+    alone a pair's score (the share of pixels predicted 0) changes from one draw to the next."""
+    return (x[:, 0] * 255).round().long() % 2

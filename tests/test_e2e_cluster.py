@@ -62,10 +62,13 @@ def test_a_generation_job_submitted_to_the_cluster_writes_a_dataset_to_s3(cluste
         "python", "-m", "jobs.generate", "--model", run, "--labels", f"s3://{cluster.bucket}/data", "--split", "val",
         "--out", out, "--samples-per-label", "1", "--guidance", "1.5", "--sampler", "ddim", "--steps", "2",
         "--seed", "0", "--batch-size", "8", "--num-gpus-per-worker", "0", "--concurrency", "1",
+        "--segmenter-steps", "5", "--min-consistency", "0",  # the built-in segmenter, placed on S3 for the scoring actors
     )
     assert job.returncode == 0 and "succeeded" in job.stdout, output(job)
     keys = cluster.s3_keys("generated/")
     assert "generated/dataset.json" in keys and any(k.endswith(".parquet") for k in keys), keys
+    assert {"generated/segmenter/segmenter.json", "generated/segmenter/segmenter.safetensors"} <= set(keys), keys
+    assert "label consistency (builtin:" in job.stdout, output(job)
 
 
 @pytest.fixture(scope="module")

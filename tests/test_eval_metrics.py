@@ -74,6 +74,16 @@ def test_confusion_matrix_iou_by_hand_with_ignore_index():
     assert twice.miou() == pytest.approx(cm.miou())
 
 
+def test_miou_present_averages_only_the_classes_of_the_label_map():
+    target = np.array([[0, 0, 0, 0], [1, 1, 1, 1]])
+    pred = np.array([[0, 0, 2, 2], [1, 1, 1, 1]])  # class 2 is absent from the label map but predicted
+    cm = ConfusionMatrix(3).update(pred, target)
+    # class 0: TP 2, FN 2 -> 1/2; class 1: 1; class 2 (absent, predicted): IoU 0, counted by miou() only.
+    assert cm.miou_present() == pytest.approx((1 / 2 + 1) / 2)
+    assert cm.miou() == pytest.approx((1 / 2 + 1 + 0) / 3)
+    assert np.isnan(ConfusionMatrix(3, ignore_index=0).update(pred[:1], target[:1]).miou_present())  # nothing scorable
+
+
 def test_mean_pairwise_distance_averages_pairs_then_label_maps():
     flat = lambda v, k: np.full((k, 2, 2, 3), v, np.uint8)  # noqa: E731
     groups = {"a": np.concatenate([flat(0, 1), flat(255, 1)]),  # one pair at distance 1

@@ -3,6 +3,7 @@ its zero-initialised layers pass signal; never trained), toy label maps, DDIM wi
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -23,6 +24,8 @@ from sdm.checkpoint import model_id
 from sdm.data.card import CARD_FILE, read_card, write_card
 from sdm.data.shards import decode_row, iter_rows
 from sdm.imageio import encode_png
+from sdm.metrics.consistency import score_pairs
+from sdm.metrics.segmenter import load_segmenter
 from sdm.data.toy import render_toy_sample, write_toy_dataset
 from sdm.generate import REJECTS_FILE, GenerationOutput, call_seed
 from sdm.pipeline import SDMPipeline
@@ -48,8 +51,9 @@ def toy_labels(tmp_path_factory) -> str:
 
 
 def _args(model: str, labels: str, out: str, *extra: str) -> list[str]:
+    """Pairs are not scored unless `extra` names a segmenter (later flags win)."""
     return ["--model", model, "--labels", labels, "--out", out, "--sampler", "ddim", "--steps", str(STEPS),
-            "--guidance", "1.5", "--seed", "7", "--micro-batch", "4", *extra]
+            "--guidance", "1.5", "--seed", "7", "--micro-batch", "4", "--segmenter", "none", *extra]
 
 
 def _rows(uri: str) -> dict[str, dict]:
@@ -207,3 +211,119 @@ def test_killed_job_finishes_on_rerun_with_every_item_exactly_once(ray_cluster, 
     assert sorted(storage.list_files(os.path.join(out, "shards"))) == sorted(os.path.basename(s.path) for s in card.shards)
     src = decode_row(next(iter_rows(labels)))
     assert rows[f"{src['key']}_0"]["image"] == _reference(random_model, src["label"], src["instance"], rows[f"{src['key']}_0"])
+
+
+PARITY = "sdm.testing:parity_segmenter"
+
+
+def _rejects(uri: str) -> dict[str, dict]:
+    return {r["key"]: r for r in map(json.loads, storage.read_bytes(f"{uri}/{REJECTS_FILE}").splitlines())}
+
+
+def test_consistency_filter_keeps_pairs_above_threshold_and_redraws_the_rest_deterministically(
+    ray_cluster, random_model, tmp_path
+):
+    # Label maps of class 0 alone: a pair's score is then the share of its pixels the segmenter calls 0, which
+    # moves with the sampling noise, so some redraws pass where the first draw did not.
+    labels, scored, filtered = tmp_path / "labels", str(tmp_path / "scored"), str(tmp_path / "filtered")
+    labels.mkdir()
+    for i in range(6):
+        (labels / f"flat{i}.png").write_bytes(encode_png(np.zeros((32, 32), np.uint8)))
+    toy_labels = str(labels)
+    common = ("--segmenter", PARITY, "--samples-per-label", "3", "--batch-size", "4")
+    assert main(_args(random_model, toy_labels, scored, *common)) == 0
+    first = _rows(scored)
+    segmenter = load_segmenter(PARITY)
+    for row in first.values():  # each stored score is the segmenter's agreement with the pair's own label map
+        got = decode_row(row)
+        (score,) = score_pairs(segmenter, got["image"][None], got["label"][None], 6)
+        assert row["attempt"] == 0 and row["consistency"] == pytest.approx(score.consistency)
+        assert row["pixel_accuracy"] == pytest.approx(score.pixel_accuracy)
+    scores = sorted(r["consistency"] for r in first.values())
+    threshold = float(np.mean(scores[len(scores) // 2 - 1 : len(scores) // 2 + 1]))  # half the first draws fall below
+
+    assert main(_args(random_model, toy_labels, filtered, *common, "--min-consistency", str(threshold),
+                      "--max-retries", "2")) == 0  # pairs left out by the threshold are no failure
+    kept, rejects = _rows(filtered), _rejects(filtered)
+    assert set(kept) | set(rejects) == set(first) and not set(kept) & set(rejects)  # every pair decided once
+    redrawn = {k for k, r in kept.items() if r["attempt"] > 0}
+    assert redrawn, "no pair passed on a redraw: the test shows nothing"
+    for key, row in kept.items():
+        assert row["consistency"] >= threshold
+        assert row["seed"] == call_seed(7, row["source_key"], row["attempt"])
+        if row["attempt"] == 0:  # a first draw is the unfiltered job's pair, byte for byte
+            assert row["image"] == first[key]["image"] and first[key]["consistency"] >= threshold
+        else:
+            assert first[key]["consistency"] < threshold and row["image"] != first[key]["image"]
+    for key, r in rejects.items():
+        assert first[key]["consistency"] < threshold and r["consistency"] < threshold
+        assert r["reason"].startswith("label consistency") and r["reason"].endswith("after 3 draws")
+    key = min(redrawn)  # a redrawn pair is redrawn by any door from the seed its row records
+    assert kept[key]["image"] == _reference(random_model, np.zeros((32, 32), np.int64), None, kept[key])
+
+    card = read_card(filtered)
+    summary = card.extra["consistency"]
+    assert summary["segmenter"] == PARITY and summary["min_consistency"] == threshold and summary["max_retries"] == 2
+    assert summary["scored"] == len(kept) and summary["rejected"] == len(rejects) == card.extra["rejects"]
+    assert summary["kept_after_redraw"] == len(redrawn)
+    assert summary["mean"] == pytest.approx(np.mean([r["consistency"] for r in kept.values()]))
+
+    # A rerun decides every pair the same way and adds nothing; another threshold on this output is refused.
+    before = storage.read_bytes(f"{filtered}/{REJECTS_FILE}")
+    assert main(_args(random_model, toy_labels, filtered, *common, "--min-consistency", str(threshold), "--max-retries", "2")) == 0
+    assert {k: r["image"] for k, r in _rows(filtered).items()} == {k: r["image"] for k, r in kept.items()}
+    assert storage.read_bytes(f"{filtered}/{REJECTS_FILE}") == before
+    assert main(_args(random_model, toy_labels, filtered, *common, "--min-consistency", "0.1")) == EXIT_REFUSED
+
+
+def test_builtin_segmenter_trains_on_the_source_and_new_layouts_grow_the_set(ray_cluster, random_model, toy_labels, tmp_path):
+    a, b, cache = str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "cache")
+    common = ("--segmenter", "builtin", "--segmenter-steps", "3", "--cache-dir", cache, "--layouts-per-map", "2")
+    assert main(_args(random_model, toy_labels, a, *common, "--batch-size", "4")) == 0
+    assert main(_args(random_model, toy_labels, b, *common, "--batch-size", "5", "--concurrency", "2",
+                      "--cpus-per-worker", "0.5")) == 0
+    rows_a, rows_b = _rows(a), _rows(b)
+    sources = {r["key"]: decode_row(r) for r in iter_rows(toy_labels)}
+    assert set(rows_a) == {f"{key}{suffix}_0" for key in sources for suffix in ("", "-layout1", "-layout2")}
+    assert {k: (r["label"], r["image"]) for k, r in rows_a.items()} == {k: (r["label"], r["image"]) for k, r in rows_b.items()}
+
+    by_split = {split: {k for k, s in sources.items() if s["split"] == split} for split in ("train", "val")}
+    changed = 0
+    for key, row in rows_a.items():
+        src = row["source_key"].split("-layout")[0]
+        assert row["split"] == sources[src]["split"]
+        label = decode_row(row)["label"]
+        allowed = set().union(*(np.unique(sources[k]["label"]) for k in by_split[row["split"]]))
+        assert set(np.unique(label)) <= allowed  # ids only from maps of the same split
+        changed += "-layout" in key and not np.array_equal(label, sources[src]["label"])
+    assert changed >= 10  # of 12 new layouts
+
+    # The built-in segmenter was trained on the source's train split, is kept with the output, and scored every pair.
+    seg = load_segmenter(os.path.join(a, "segmenter"))
+    record = json.loads(storage.read_bytes(os.path.join(a, "segmenter", "segmenter.json")))
+    assert record["trained_on"]["dataset"] == toy_labels and record["trained_on"]["steps"] == 3
+    assert storage.read_bytes(os.path.join(a, "segmenter", "segmenter.safetensors")) == \
+        storage.read_bytes(os.path.join(b, "segmenter", "segmenter.safetensors"))  # trained once, from the cache
+    row = rows_a["toy-000001-layout2_0"]
+    got = decode_row(row)
+    (score,) = score_pairs(seg, got["image"][None], got["label"][None], 6)
+    assert row["consistency"] == pytest.approx(score.consistency)
+    card = read_card(a)
+    assert card.extra["consistency"]["segmenter"].startswith("builtin:") and card.extra["consistency"]["scored"] == 18
+    gen = card.extra["generation"]
+    assert gen["layouts_per_map"] == 2 and gen["source"] == toy_labels and gen["segmenter_uri"] == os.path.join(a, "segmenter")
+    assert gen["source_card_sha256"] == hashlib.sha256(storage.read_bytes(os.path.join(toy_labels, CARD_FILE))).hexdigest()
+
+
+def test_consistency_options_are_validated_before_any_worker_starts(random_model, toy_labels, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    for extra, message in (
+        (("--segmenter", PARITY, "--min-consistency", "1.5"), "--min-consistency is an mIoU, between 0 and 1"),
+        (("--segmenter", PARITY, "--max-retries", "2"), "give --min-consistency too"),
+        (("--min-consistency", "0.5"), "--min-consistency needs a segmenter"),
+        (("--segmenter", "no_such_module:fn"), "cannot be imported"),
+        (("--layouts-per-map", "-1"), "--layouts-per-map must be >= 0"),
+    ):
+        assert main(_args(random_model, toy_labels, out, *extra)) == EXIT_REFUSED
+        assert message in capsys.readouterr().err
+    assert not os.path.exists(out)

@@ -280,7 +280,7 @@ def proxied_ray_cluster(s3_proxy):
 def _gen_args(model: str, labels: str, out: str) -> list[str]:
     return ["--model", model, "--labels", labels, "--out", out, "--sampler", "ddim", "--steps", "3", "--guidance", "1.5",
             "--seed", "7", "--micro-batch", "4", "--samples-per-label", "2", "--batch-size", "4", "--shard-rows", "4",
-            "--format", "folder"]
+            "--format", "folder", "--segmenter", "none"]  # scoring is tested in test_generate_job.py
 
 
 @pytest.fixture(scope="module")

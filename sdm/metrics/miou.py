@@ -48,6 +48,14 @@ class ConfusionMatrix:
         iou = self.iou()
         return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
 
+    def miou_present(self) -> float:
+        """Mean IoU over the classes present in the label maps: a wrongly predicted absent class lowers the
+        IoU of the classes it took pixels from, but is not averaged in as a class of its own."""
+        present = self.matrix.sum(1) > 0
+        if self.ignore_index is not None and 0 <= self.ignore_index < self.num_classes:
+            present[self.ignore_index] = False
+        return float(self.iou()[present].mean()) if present.any() else float("nan")
+
     def pixel_accuracy(self) -> float:
         total = self.matrix.sum()
         return float(np.trace(self.matrix) / total) if total else float("nan")
