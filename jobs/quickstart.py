@@ -25,6 +25,8 @@ from sdm.data.inspect import colourise
 from sdm.data.shards import iter_samples
 from sdm.imageio import encode_png
 from sdm.data.toy import write_toy_dataset
+from sdm.errors import EXIT_REFUSED
+from sdm.generate import SETTINGS_FILE
 from sdm.metrics.evaluate import EvalSettings, evaluate, summary
 from sdm.metrics.image_sets import open_set
 from sdm.pipeline import SDMPipeline
@@ -87,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     # The segmenter that scores each pair is the one the evaluation trains (same data, steps and cache): trained once.
     if status := generate.run(GenerateSpec(model=ft, labels=data, split="val", out=gen, samples_per_label=args.samples_per_label,
                                            segmenter_steps=SEGMENTER_STEPS, cache_dir=storage.join(args.out, "cache"))):
+        if status == EXIT_REFUSED and storage.exists(storage.join(gen, SETTINGS_FILE)):
+            print(f"{gen} was generated with other settings (by an older version?): remove it to generate it again",
+                  file=sys.stderr)
         return status
 
     _banner(f"5/6 evaluation of the generated dataset against the real validation images -> {report}")

@@ -46,6 +46,7 @@ from sdm.pipeline import SDMPipeline
 from sdm.sampling import SamplingParams, derive_seed
 
 SETTINGS_FILE = "generation.json"
+UNSCORED = {"segmenter": "none", "min_consistency": None, "max_retries": 0}
 PROGRESS_DIR = "progress"
 FOLDER_DIRS = {"image": "images", "label": "labels", "instance": "instances"}
 
@@ -202,7 +203,7 @@ class GenerationOutput:
         """Record the settings, or refuse when an earlier run here used other ones (outputs must not mix)."""
         path = storage.join(self.uri, SETTINGS_FILE)
         if storage.exists(path):
-            before = json.loads(storage.read_bytes(path))
+            before = {**UNSCORED, **json.loads(storage.read_bytes(path))}  # outputs from before scoring: unscored
             diff = {k: (before.get(k), v) for k, v in settings.to_dict().items() if before.get(k) != v}
             if diff:
                 shown = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in sorted(diff.items()))

@@ -3,6 +3,7 @@ its zero-initialised layers pass signal; never trained), toy label maps, DDIM wi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -17,7 +18,7 @@ import pytest
 from PIL import Image
 
 from jobs.generate import main
-from sdm.errors import EXIT_REFUSED, EXIT_REJECTS
+from sdm.errors import EXIT_REFUSED, EXIT_REJECTS, InvalidInputError
 from ray_session import local_ray_cluster
 from sdm import storage
 from sdm.checkpoint import model_id
@@ -27,7 +28,7 @@ from sdm.imageio import encode_png
 from sdm.metrics.consistency import score_pairs
 from sdm.metrics.segmenter import load_segmenter
 from sdm.data.toy import render_toy_sample, write_toy_dataset
-from sdm.generate import REJECTS_FILE, GenerationOutput, call_seed
+from sdm.generate import REJECTS_FILE, GenerationOutput, GenerationSettings, call_seed
 from sdm.pipeline import SDMPipeline
 
 pytestmark = pytest.mark.ray
@@ -327,3 +328,13 @@ def test_consistency_options_are_validated_before_any_worker_starts(random_model
         assert main(_args(random_model, toy_labels, out, *extra)) == EXIT_REFUSED
         assert message in capsys.readouterr().err
     assert not os.path.exists(out)
+
+
+def test_an_output_from_before_scoring_counts_as_unscored(tmp_path):
+    out = GenerationOutput(str(tmp_path / "old"))
+    old = GenerationSettings(model_id="m", sampler="ddim", steps=3, guidance=1.5, seed=7)
+    body = {k: v for k, v in old.to_dict().items() if k not in ("segmenter", "min_consistency", "max_retries")}
+    storage.write_bytes(str(tmp_path / "old" / "generation.json"), json.dumps(body).encode())
+    out.claim(old)  # unscored, as it was written
+    with pytest.raises(InvalidInputError, match="segmenter: 'none' there, 'builtin:x' now"):
+        out.claim(dataclasses.replace(old, segmenter="builtin:x"))
