@@ -36,6 +36,7 @@ from sdm import checkpoint, storage
 from sdm.config import SDMConfig
 from sdm.data.card import CARD_FILE, DatasetCard, ShardInfo, read_card
 from sdm.imageio import decode_ids, encode_png
+from sdm.inference import add_fast_path_args
 from jobs.ray_setup import actor_pool, init_ray, parse_concurrency
 from jobs.specs import GenerateSpec, from_namespace
 from sdm.errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, EXIT_REJECTS, DatasetError, InvalidInputError, SDMError, StorageError
@@ -89,6 +90,7 @@ def parse_args(argv: list[str] | None = None) -> GenerateSpec:
     p.add_argument("--micro-batch", type=int, default=DEFAULT_MICRO_BATCH,
                    help="rows per network call; part of the settings, as it can change rounding")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    add_fast_path_args(p)
     p.add_argument("--shard-rows", type=int, default=256, help="generated rows per output shard")
     p.add_argument("--max-aspect-change", type=float, default=0.05,
                    help="reject label maps whose aspect ratio differs more than this from the model's")
@@ -251,7 +253,7 @@ def plan_job(args: GenerateSpec) -> Plan:
     settings = GenerationSettings(
         model_id=checkpoint.model_id(args.model), sampler=params.sampler, steps=params.num_inference_steps,
         guidance=float(params.guidance_scale), seed=args.seed, eta=float(params.eta), micro_batch=args.micro_batch,
-        precision=args.precision, output_format=args.format,
+        precision=args.precision, fast_path=args.fast_path, compile=args.compile, output_format=args.format,
         segmenter=segmenter, min_consistency=args.min_consistency, max_retries=args.max_retries,
     )
     output = GenerationOutput(args.out)
@@ -303,7 +305,11 @@ class SampleBatch:
 
     def __init__(self, model_uri: str, settings: dict[str, Any]):
         self.settings = GenerationSettings(**settings)
-        self.pipe = SDMPipeline.from_pretrained(model_uri, precision=self.settings.precision, micro_batch=self.settings.micro_batch)
+        s = self.settings
+        self.pipe = SDMPipeline.from_pretrained(model_uri, precision=s.precision, micro_batch=s.micro_batch, fast=s.fast_path,
+                                                compile=s.compile)
+        if s.compile:
+            self.pipe.warm_up()  # compiled before the first batch arrives
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         h, w = self.pipe.config.model.image_size

@@ -83,6 +83,8 @@ class GenerateSpec:
     batch_size: int = 16
     micro_batch: int = DEFAULT_MICRO_BATCH
     precision: str = "auto"
+    fast_path: bool = True  # channels_last and bf16-held weights (sdm.inference)
+    compile: bool = False  # torch.compile, compiled as each sampling actor starts
     shard_rows: int = 256
     max_aspect_change: float = 0.05
     segmenter: str = "builtin"  # or "none", a built-in segmenter directory, a TorchScript file, module:callable

@@ -17,6 +17,7 @@ from sdm.cli_data import add_data_commands
 from sdm.cli_eval import add_eval_command
 from sdm.config import get_preset, list_presets
 from sdm.errors import EXIT_REFUSED, SDMError
+from sdm.inference import add_fast_path_args
 from sdm.samplers import SAMPLERS
 from sdm.sampling import DEFAULT_MICRO_BATCH
 from sdm.unet import SDMUNet, count_parameters
@@ -41,7 +42,10 @@ def _read_id_png(uri: str) -> np.ndarray:
 def cmd_sample(args: argparse.Namespace) -> int:
     from sdm.pipeline import SDMPipeline
 
-    pipe = SDMPipeline.from_pretrained(args.model, device=args.device, precision=args.precision, micro_batch=args.micro_batch)
+    pipe = SDMPipeline.from_pretrained(args.model, device=args.device, precision=args.precision, micro_batch=args.micro_batch,
+                                       fast=args.fast_path, compile=args.compile)
+    if args.compile:
+        pipe.warm_up()  # compile before the clock starts
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -85,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     p.add_argument("--micro-batch", type=int, default=DEFAULT_MICRO_BATCH,
                    help="rows per network call, as in the generation job: the same value gives the same bytes")
+    add_fast_path_args(p)
     p.set_defaults(func=cmd_sample)
 
     add_data_commands(sub)

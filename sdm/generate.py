@@ -47,6 +47,7 @@ from sdm.sampling import SamplingParams, derive_seed
 
 SETTINGS_FILE = "generation.json"
 UNSCORED = {"segmenter": "none", "min_consistency": None, "max_retries": 0}
+EAGER = {"fast_path": False, "compile": False}  # what outputs from before the inference fast path were sampled with
 PROGRESS_DIR = "progress"
 FOLDER_DIRS = {"image": "images", "label": "labels", "instance": "instances"}
 
@@ -80,6 +81,8 @@ class GenerationSettings:
     eta: float = 0.0
     micro_batch: int = 8  # rows per network call, fixed so that numerics never depend on batching
     precision: str = "auto"
+    fast_path: bool = True  # channels_last and bf16-held weights: the same values, other kernels, so other rounding
+    compile: bool = False
     output_format: str = "shards"  # or "folder": image and label PNG files as well
     seed_rule: int = 2  # label map `key` is a call with seed derive_seed(seed, key); outputs without it seeded each sample
     segmenter: str = "none"  # what scores label consistency: it decides which pairs pass the threshold
@@ -203,7 +206,7 @@ class GenerationOutput:
         """Record the settings, or refuse when an earlier run here used other ones (outputs must not mix)."""
         path = storage.join(self.uri, SETTINGS_FILE)
         if storage.exists(path):
-            before = {**UNSCORED, **json.loads(storage.read_bytes(path))}  # outputs from before scoring: unscored
+            before = {**UNSCORED, **EAGER, **json.loads(storage.read_bytes(path))}  # older outputs: unscored, eager
             diff = {k: (before.get(k), v) for k, v in settings.to_dict().items() if before.get(k) != v}
             if diff:
                 shown = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in sorted(diff.items()))

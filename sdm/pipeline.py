@@ -15,6 +15,7 @@ from sdm.device import autocast_dtype, default_device
 from sdm.diffusion import GaussianDiffusion
 from sdm.errors import InvalidInputError
 from sdm.imageio import ID_MODES
+from sdm.inference import compile_net, prepare_net
 from sdm.labels import label_input, raw_to_classes
 from sdm.samplers import Known
 from sdm.sampling import DEFAULT_MICRO_BATCH, Progress, SampleRunner, SamplingParams, sample_seeds
@@ -59,23 +60,32 @@ def _stack(maps: LabelLike | Sequence[LabelLike], what: str) -> np.ndarray:
 
 
 class SDMPipeline:
-    """An SDM network with its diffusion process, sampling defaults and the runner that samples it."""
+    """An SDM network with its diffusion process, sampling defaults and the runner that samples it.
+
+    `fast` and `compile` choose the inference fast path (sdm.inference): channels_last and bf16-held weights by
+    default; torch.compile on request, after which `warm_up` compiles before the first call."""
 
     def __init__(self, net: SDMUNet, config: SDMConfig, device: torch.device | str | None = None, precision: str = "auto",
-                 micro_batch: int = DEFAULT_MICRO_BATCH):
+                 micro_batch: int = DEFAULT_MICRO_BATCH, fast: bool = True, compile: bool = False):
         self.config = config
         self.device = torch.device(device) if device is not None else default_device()
-        self.net = net.to(self.device).eval()
         self.dtype = autocast_dtype(self.device, precision)
+        self.net = prepare_net(net, self.device, self.dtype, fast)
         self.diffusion = GaussianDiffusion.from_config(config.diffusion, learn_sigma=config.model.learn_sigma)
-        self.runner = SampleRunner(self.net, self.diffusion, self.device, self.dtype, micro_batch)
+        runner_net = compile_net(self.net, self.device) if compile else self.net
+        self.runner = SampleRunner(runner_net, self.diffusion, self.device, self.dtype, micro_batch)
 
     @classmethod
     def from_pretrained(cls, uri: str, device: torch.device | str | None = None, precision: str = "auto",
-                        micro_batch: int = DEFAULT_MICRO_BATCH) -> "SDMPipeline":
+                        micro_batch: int = DEFAULT_MICRO_BATCH, fast: bool = True, compile: bool = False) -> "SDMPipeline":
         """Load an exported model directory, a training run, or a converted official checkpoint."""
         net, config = checkpoint.load_model(uri)
-        return cls(net, config, device=device, precision=precision, micro_batch=micro_batch)
+        return cls(net, config, device=device, precision=precision, micro_batch=micro_batch, fast=fast, compile=compile)
+
+    def warm_up(self) -> None:
+        """Run the network once in every batch shape the runner uses (compiling them when compiled), so no call
+        pays for it; raises RuntimeError when the model's output is not finite."""
+        self.runner.warm_up(self.config.model.label_channels, self.config.model.image_size)
 
     def params(self, guidance_scale: float | None = None, num_steps: int | None = None, sampler: str | None = None,
                eta: float | None = None) -> SamplingParams:

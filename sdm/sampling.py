@@ -124,6 +124,17 @@ class SampleRunner:
             out[rows] = to_uint8(x[: len(rows)])
         return out
 
+    @torch.no_grad()
+    def warm_up(self, label_channels: int, size: tuple[int, int]) -> None:
+        """One denoiser evaluation per micro-batch shape (unguided, guided) on the null label, as sampling makes it."""
+        label = torch.zeros(self.micro_batch, label_channels, *size, device=self.device)
+        x = torch.zeros(self.micro_batch, 3, *size, device=self.device)
+        t = torch.zeros(self.micro_batch, dtype=torch.long, device=self.device)
+        for scale in (1.0, 2.0):
+            pred = make_denoiser(self.net, self.diffusion, label, scale, self.dtype)(x, t)
+            if not torch.isfinite(pred.eps).all():
+                raise RuntimeError("the model's output is not finite")
+
     def _run_chunk(self, labels: torch.Tensor, rows: list[int], seeds: Sequence[int], scales: list[float],
                    params: SamplingParams, known: Known | None, progress: Progress) -> torch.Tensor:
         """One network batch of exactly micro_batch rows (the last row repeated as padding), contiguous."""

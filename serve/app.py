@@ -59,6 +59,8 @@ class AppArgs(BaseModel):
     num_cpus: float = Field(1, ge=0)
     device: str | None = None
     precision: str = "auto"
+    fast: bool = True  # the inference fast path: channels_last, bf16-held weights (sdm.inference)
+    compile: bool = False  # torch.compile, warmed up as each model loads (slow to start on CPU)
     min_replicas: int | None = Field(None, ge=0)
     max_replicas: int | None = Field(None, ge=1)
     target_ongoing_requests: float | None = Field(None, gt=0)
@@ -118,8 +120,8 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         health_check_period_s=10,
         health_check_timeout_s=60,
     )(SDMModel).bind(
-        a.served(), a.default(), a.max_models_per_replica, a.device, a.precision, batch, a.batch_wait_timeout_s,
-        a.batch_wait_under_load_s, a.max_queue_wait_s,
+        a.served(), a.default(), a.max_models_per_replica, a.device, a.precision, a.fast, a.compile, batch,
+        a.batch_wait_timeout_s, a.batch_wait_under_load_s, a.max_queue_wait_s,
     )
     limits = Limits(a.max_body_bytes, a.max_image_side, a.max_steps, a.max_samples)
     token = a.auth_token or os.environ.get(TOKEN_ENV) or None

@@ -82,6 +82,8 @@ class SDMModel:
         max_loaded: int,
         device: str | None,
         precision: str,
+        fast: bool,
+        compile: bool,
         max_batch_size: int,
         batch_wait_timeout_s: float,
         batch_wait_under_load_s: float,
@@ -89,6 +91,7 @@ class SDMModel:
     ):
         """`models`: name -> URI of every model this deployment may serve; at most `max_loaded` are held at once."""
         self.uris, self.device, self.precision = models, device, precision
+        self.fast_path = {"fast": fast, "compile": compile}
         self.metrics = ModelMetrics.create()
         self._reporting = asyncio.get_running_loop().create_task(self.metrics.live.keep_reporting())
         self.replica = serve.get_replica_context().replica_id.unique_id
@@ -106,8 +109,8 @@ class SDMModel:
 
     def _load(self, name: str) -> LoadedModel:
         start = time.perf_counter()
-        pipe = SDMPipeline.from_pretrained(self.uris[name], device=self.device, precision=self.precision)
-        _probe(pipe)
+        pipe = SDMPipeline.from_pretrained(self.uris[name], device=self.device, precision=self.precision, **self.fast_path)
+        pipe.warm_up()  # every batch shape run (and compiled) before the model takes requests
         self.metrics.live.set(self.metrics.load_time, time.perf_counter() - start, {"model": name})
         return LoadedModel(name, pipe, self.metrics, self.held)
 

@@ -1,0 +1,100 @@
+"""The inference fast path (sdm.inference): channels_last, bf16-held weights and torch.compile, against the eager
+contiguous network, with the determinism promises kept."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sdm.config import get_preset
+from sdm.pipeline import SDMPipeline
+from sdm.sampling import derive_seed
+from sdm.testing import perturbed
+from sdm.unet import GroupNorm32, SDMUNet
+
+
+def _labels(b: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 6, (b, 32, 32))
+
+
+def _output(pipe: SDMPipeline, label: torch.Tensor) -> torch.Tensor:
+    """One guided network output in the pipeline's precision, as the runner evaluates it."""
+    g = torch.Generator().manual_seed(5)
+    x, t = torch.randn(label.shape[0], 3, 32, 32, generator=g), torch.tensor([30.0, 700.0])
+    with torch.no_grad(), torch.autocast("cpu", dtype=pipe.dtype or torch.float32, enabled=pipe.dtype is not None):
+        return pipe.net(x, t, label).float()
+
+
+def test_fast_path_holds_conv_and_linear_weights_in_bf16_channels_last_and_leaves_the_callers_net(random_tiny_net, tiny_cfg):
+    pipe = SDMPipeline(random_tiny_net, tiny_cfg, device="cpu", precision="bf16")
+    convs = [m for m in pipe.net.modules() if isinstance(m, nn.Conv2d)]
+    assert all(m.weight.dtype == torch.bfloat16 and m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    assert all(m.weight.dtype == torch.bfloat16 for m in pipe.net.modules() if isinstance(m, (nn.Linear, nn.Conv1d)))
+    norms = [m for m in pipe.net.modules() if isinstance(m, GroupNorm32) and m.affine]
+    assert norms and all(m.weight.dtype == torch.float32 for m in norms)  # GroupNorm32 computes in fp32
+    # the caller's network is untouched: a trainer may go on training it
+    assert all(p.dtype == torch.float32 and p.is_contiguous() for p in random_tiny_net.parameters())
+    fp32 = SDMPipeline(random_tiny_net, tiny_cfg, device="cpu", precision="fp32")
+    assert all(p.dtype == torch.float32 for p in fp32.net.parameters())
+    assert SDMPipeline(random_tiny_net, tiny_cfg, device="cpu", precision="bf16", fast=False).net is random_tiny_net
+
+
+def test_fast_path_network_output_matches_the_eager_network(random_tiny_net, tiny_cfg):
+    """fp32: only the summation order changes; bf16: the same bf16 weight values autocast would make, other kernels."""
+    eager32, fast32, eager16, fast16 = (
+        SDMPipeline(random_tiny_net, tiny_cfg, device="cpu", precision=p, fast=f)
+        for p, f in (("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True))
+    )
+    label = eager32.prepare_labels(_labels(2))
+    ref = _output(eager32, label)
+    scale = ref.abs().mean().item()
+    assert (_output(fast32, label) - ref).abs().max().item() < 1e-4 * max(scale, 1.0)
+    eager_bf16, fast_bf16 = _output(eager16, label), _output(fast16, label)
+    bf16_error = (eager_bf16 - ref).abs().mean().item()
+    assert bf16_error > 0  # bf16 really ran
+    # the fast path is no further from fp32 than bf16 autocast on the eager network (within 25%)
+    assert (fast_bf16 - ref).abs().mean().item() < 1.25 * bf16_error
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fast_path_images_are_close_to_the_eager_fp32_images(random_tiny_net, tiny_cfg, precision):
+    labels = _labels(2)
+    eager = SDMPipeline(random_tiny_net, tiny_cfg, device="cpu", precision="fp32", fast=False)(labels, num_steps=5, seed=3)
+    fast = SDMPipeline(random_tiny_net, tiny_cfg, device="cpu", precision=precision)(labels, num_steps=5, seed=3)
+    diff = np.abs(eager.astype(int) - fast.astype(int))
+    if precision == "fp32":
+        assert diff.max() <= 2  # another summation order: a level or two at most
+    else:  # as for bf16 autocast on the eager network (tests/test_pipeline.py): a chaotic random model, so mean and tail
+        assert diff.mean() < 3.0 and (diff > 16).mean() < 0.02
+
+
+def test_warm_up_refuses_a_model_whose_output_is_not_finite(random_tiny_net, tiny_cfg):
+    with torch.no_grad():
+        random_tiny_net.out_conv.bias.fill_(float("nan"))
+    with pytest.raises(RuntimeError, match="not finite"):
+        SDMPipeline(random_tiny_net, tiny_cfg, device="cpu", precision="bf16").warm_up()
+
+
+@pytest.mark.slow
+def test_compiled_sampling_is_compiled_once_keeps_batch_independence_and_matches_eager():
+    """Compilation happens in warm_up, for the two micro-batch shapes; sampling then compiles nothing. Rows stay
+    independent of their batch (fixed shapes), and pixels match the eager fast path up to fused rounding."""
+    cfg = get_preset("tiny").with_overrides(["model.channel_mult=[1, 2]", "model.attention_resolutions=[16]"])
+    torch.manual_seed(0)
+    net = perturbed(SDMUNet(cfg.model)).eval()
+    compiled = SDMPipeline(net, cfg, device="cpu", precision="bf16", micro_batch=4, compile=True)
+    compiled.warm_up()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    labels = _labels(3)
+    together = compiled(labels, num_steps=4, num_samples=2, seed=7, guidance_scale=2.0)
+    unguided = compiled(labels[:1], num_steps=2, seed=1, guidance_scale=1.0)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # no compilation after warm-up
+    alone = compiled(labels[1], num_steps=4, seed=[derive_seed(7, 2), derive_seed(7, 3)], num_samples=2, guidance_scale=2.0)
+    assert np.array_equal(alone, together[2:4])
+    assert unguided.shape == (1, 32, 32, 3)
+    # compiled bf16 is about as far from fp32 as eager bf16 is: fusion rounds differently, no worse
+    fp32, eager = (SDMPipeline(net, cfg, device="cpu", precision=p, micro_batch=4)(
+        labels, num_steps=4, num_samples=2, seed=7, guidance_scale=2.0).astype(int) for p in ("fp32", "bf16"))
+    eager_error, compiled_error = np.abs(eager - fp32).mean(), np.abs(together.astype(int) - fp32).mean()
+    print(f"mean |pixel - fp32|: eager bf16 {eager_error:.3f}, compiled bf16 {compiled_error:.3f}")
+    assert 0 < compiled_error < 1.5 * eager_error
