@@ -85,6 +85,8 @@ def parse_args(argv: list[str] | None = None) -> GenerateSpec:
     p.add_argument("--sampler", choices=SAMPLERS, help="default: the model's")
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     p.add_argument("--eta", type=float, help="DDIM eta (default: the model's)")
+    p.add_argument("--cache-interval", type=int, metavar="K",
+                   help="recompute the deep U-Net features every K-th step only (default 1: every step)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16, help="rows per call of a sampling actor")
     p.add_argument("--micro-batch", type=int, default=DEFAULT_MICRO_BATCH,
@@ -246,13 +248,15 @@ def _new_layouts(src: LabelSource, cfg: SDMConfig, args: GenerateSpec) -> list[d
 def plan_job(args: GenerateSpec) -> Plan:
     """Everything that can refuse the job, checked before any worker starts."""
     _, cfg = checkpoint.load_model(args.model)  # the weights must load and fit their config
-    params = SamplingParams.resolve(cfg.sampling, cfg.diffusion.num_timesteps, args.guidance, args.steps, args.sampler, args.eta)
+    params = SamplingParams.resolve(cfg.sampling, cfg.diffusion.num_timesteps, args.guidance, args.steps, args.sampler, args.eta,
+                                    args.cache_interval)
     _check_numbers(args)
     source = _label_source(args, cfg)
     segmenter, segmenter_data = _segmenter_choice(args, source, cfg)
     settings = GenerationSettings(
         model_id=checkpoint.model_id(args.model), sampler=params.sampler, steps=params.num_inference_steps,
-        guidance=float(params.guidance_scale), seed=args.seed, eta=float(params.eta), micro_batch=args.micro_batch,
+        guidance=float(params.guidance_scale), seed=args.seed, eta=float(params.eta), cache_interval=params.cache_interval,
+        micro_batch=args.micro_batch,
         precision=args.precision, fast_path=args.fast_path, compile=args.compile, output_format=args.format,
         segmenter=segmenter, min_consistency=args.min_consistency, max_retries=args.max_retries,
     )

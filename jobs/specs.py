@@ -79,6 +79,7 @@ class GenerateSpec:
     sampler: str | None = None
     steps: int | None = None  # sampling steps; default: the model's
     eta: float | None = None
+    cache_interval: int | None = None  # sdm.unet.FeatureCache; default 1 (off)
     seed: int = 0
     batch_size: int = 16
     micro_batch: int = DEFAULT_MICRO_BATCH

@@ -55,7 +55,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         inst = _read_id_png(args.instances[i]) if args.instances else None
         images = pipe(
             label, instances=inst, guidance_scale=args.guidance, num_steps=args.steps, sampler=args.sampler, eta=args.eta,
-            seed=args.seed + i, num_samples=args.num_samples,
+            seed=args.seed + i, num_samples=args.num_samples, cache_interval=args.cache_interval,
             progress=lambda k, n: print(f"\r{Path(uri).name}: step {k}/{n}", end="", file=sys.stderr),
         )
         print(file=sys.stderr)
@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: the model's")
     p.add_argument("--eta", type=float, default=None, help="DDIM's eta (default: the model's)")
+    p.add_argument("--cache-interval", type=int, default=None, metavar="K",
+                   help="recompute the deep U-Net features every K-th step only (default 1: every step)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--device", default=None)

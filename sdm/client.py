@@ -60,24 +60,25 @@ class SDMClient:
 
     def generate(self, label: ImageLike, instance: ImageLike | None = None, guidance_scale: float | None = None,
                  num_steps: int | None = None, sampler: str | None = None, seed: int = 0,
-                 num_samples: int = 1, model: str | None = None) -> np.ndarray:
+                 num_samples: int = 1, model: str | None = None, cache_interval: int | None = None) -> np.ndarray:
         """Images for one label map (ids, or colours of the model's palette): uint8 [num_samples, H, W, 3].
         Unset parameters take the model's defaults; `model` names a served model (unset: the default one)."""
         files = {"label": label, "instance": instance}
-        return self._images("/v1/generate", files, guidance_scale, num_steps, sampler, seed, num_samples, model)
+        return self._images("/v1/generate", files, {
+            "guidance_scale": guidance_scale, "steps": num_steps, "sampler": sampler, "seed": seed,
+            "num_samples": num_samples, "model": model, "cache_interval": cache_interval})
 
     def edit(self, image: ImageLike, mask: ImageLike, label: ImageLike, instance: ImageLike | None = None,
              guidance_scale: float | None = None, num_steps: int | None = None, sampler: str | None = None,
-             seed: int = 0, num_samples: int = 1, model: str | None = None) -> np.ndarray:
+             seed: int = 0, num_samples: int = 1, model: str | None = None,
+             cache_interval: int | None = None) -> np.ndarray:
         """The image with the region where `mask` is nonzero regenerated from the (edited) label map."""
         files = {"image": image, "mask": mask, "label": label, "instance": instance}
-        return self._images("/v1/edit", files, guidance_scale, num_steps, sampler, seed, num_samples, model)
+        return self._images("/v1/edit", files, {
+            "guidance_scale": guidance_scale, "steps": num_steps, "sampler": sampler, "seed": seed,
+            "num_samples": num_samples, "model": model, "cache_interval": cache_interval})
 
-    def _images(self, path: str, files: dict[str, ImageLike | None], guidance_scale: float | None,
-                num_steps: int | None, sampler: str | None, seed: int, num_samples: int,
-                model: str | None) -> np.ndarray:
-        params = {"guidance_scale": guidance_scale, "steps": num_steps, "sampler": sampler, "seed": seed,
-                  "num_samples": num_samples, "model": model}
+    def _images(self, path: str, files: dict[str, ImageLike | None], params: dict[str, Any]) -> np.ndarray:
         body = {k: v for k, v in params.items() if v is not None}
         body |= {k: base64.b64encode(_file_bytes(v)).decode() for k, v in files.items() if v is not None}
         r = self._request("POST", path, json=body, headers={"Accept": "application/json"})

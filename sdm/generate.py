@@ -47,7 +47,7 @@ from sdm.sampling import SamplingParams, derive_seed
 
 SETTINGS_FILE = "generation.json"
 UNSCORED = {"segmenter": "none", "min_consistency": None, "max_retries": 0}
-EAGER = {"fast_path": False, "compile": False}  # what outputs from before the inference fast path were sampled with
+EAGER = {"fast_path": False, "compile": False, "cache_interval": 1}  # outputs from before the fast path
 PROGRESS_DIR = "progress"
 FOLDER_DIRS = {"image": "images", "label": "labels", "instance": "instances"}
 
@@ -79,6 +79,7 @@ class GenerationSettings:
     guidance: float
     seed: int
     eta: float = 0.0
+    cache_interval: int = 1
     micro_batch: int = 8  # rows per network call, fixed so that numerics never depend on batching
     precision: str = "auto"
     fast_path: bool = True  # channels_last and bf16-held weights: the same values, other kernels, so other rounding
@@ -93,7 +94,7 @@ class GenerationSettings:
         return asdict(self)
 
     def params(self) -> SamplingParams:
-        return SamplingParams(self.guidance, self.steps, self.sampler, self.eta)
+        return SamplingParams(self.guidance, self.steps, self.sampler, self.eta, self.cache_interval)
 
 
 def output_key(source_key: str, k: int) -> str:

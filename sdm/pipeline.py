@@ -88,9 +88,10 @@ class SDMPipeline:
         self.runner.warm_up(self.config.model.label_channels, self.config.model.image_size)
 
     def params(self, guidance_scale: float | None = None, num_steps: int | None = None, sampler: str | None = None,
-               eta: float | None = None) -> SamplingParams:
+               eta: float | None = None, cache_interval: int | None = None) -> SamplingParams:
         """Sampling parameters with the model's defaults filled in, validated."""
-        return SamplingParams.resolve(self.config.sampling, self.diffusion.num_timesteps, guidance_scale, num_steps, sampler, eta)
+        return SamplingParams.resolve(self.config.sampling, self.diffusion.num_timesteps, guidance_scale, num_steps, sampler, eta,
+                                      cache_interval)
 
     def prepare_labels(
         self, labels: LabelLike | Sequence[LabelLike], instances: LabelLike | Sequence[LabelLike] | None = None
@@ -122,13 +123,16 @@ class SDMPipeline:
         num_samples: int = 1,
         eta: float | None = None,
         progress: Progress | None = None,
+        cache_interval: int | None = None,
     ) -> np.ndarray:
         """Sample `num_samples` images per label map; returns uint8 [B * num_samples, H, W, 3].
 
         Output row r = b * num_samples + k is sample k of label map b, seeded by derive_seed(seed, r) (or by
-        seed[r] when a list of seeds is given), so it does not depend on the batch it ran in.
+        seed[r] when a list of seeds is given), so it does not depend on the batch it ran in. `cache_interval`
+        k > 1 recomputes the deep U-Net features every k-th step only: faster, at a measured cost in quality
+        (docs/evaluation.md).
         """
-        params = self.params(guidance_scale, num_steps, sampler, eta)
+        params = self.params(guidance_scale, num_steps, sampler, eta, cache_interval)
         _check_count(num_samples)
         label = self.prepare_labels(labels, instances).repeat_interleave(num_samples, dim=0)
         return self.runner(label, _row_seeds(seed, label.shape[0]), params, progress=progress)
@@ -145,6 +149,7 @@ class SDMPipeline:
         seed: int | Sequence[int] = 0,
         num_samples: int = 1,
         eta: float | None = None,
+        cache_interval: int | None = None,
     ) -> np.ndarray:
         """Semantic image editing (the paper's section 4.4); returns uint8 [num_samples, H, W, 3].
 
@@ -152,7 +157,7 @@ class SDMPipeline:
         image is kept at every denoising step by replacing it with the forward-noised image (Known).
         Rows are seeded as in __call__.
         """
-        params = self.params(guidance_scale, num_steps, sampler, eta)
+        params = self.params(guidance_scale, num_steps, sampler, eta, cache_interval)
         _check_count(num_samples)
         label = self.prepare_labels(labels, instances)
         known = known_from_image(image, mask, tuple(label.shape[-2:]))

@@ -19,6 +19,7 @@ from torch import nn
 
 from sdm.diffusion import GaussianDiffusion, ModelPrediction, spaced_steps
 from sdm.labels import null_label
+from sdm.unet import FeatureCache
 
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], ModelPrediction]
@@ -31,19 +32,23 @@ def guided_output(
     label: torch.Tensor,
     scale: float | torch.Tensor,
     batched: bool = True,
+    cache: FeatureCache | None = None,
 ) -> torch.Tensor:
     """Network output with guidance eps = eps(null) + s * (eps(label) - eps(null)) on the eps channels.
 
     `scale` is one number, or a [B] tensor with one per row. The variance channels come from the
     conditional branch. A scalar s = 1 runs the conditional model alone; otherwise both branches go
-    through the network in one batched forward pass (or two, for comparison).
+    through the network in one batched forward pass (or two, for comparison; not with a feature cache).
     """
+    extra = {} if cache is None else {"cache": cache}
     if not isinstance(scale, torch.Tensor) and scale == 1.0:
-        return net(x, t, label)
+        return net(x, t, label, **extra)
     null = null_label(label)
     if batched:
-        out = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([label, null]))
+        out = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([label, null]), **extra)
         cond, uncond = out.chunk(2)
+    elif cache is not None:
+        raise ValueError("a feature cache needs batched guidance: the two branches would share one cache")
     else:
         cond, uncond = net(x, t, label), net(x, t, null)
     if isinstance(scale, torch.Tensor):
@@ -93,12 +98,21 @@ def make_denoiser(
     scale: float | torch.Tensor,
     autocast_dtype: torch.dtype | None = None,
     batched: bool = True,
+    cache_interval: int = 1,
 ) -> Denoiser:
-    """A function (x_t, step index of d) -> prediction, calling the network with guidance."""
+    """A function (x_t, step index of d) -> prediction, calling the network with guidance. With `cache_interval`
+    k > 1, every k-th call (the first included) runs the whole network and the others reuse its deep features
+    (FeatureCache); make one denoiser per sampling run, as the cache follows its calls."""
+    cache = FeatureCache() if cache_interval > 1 else None
+    calls = 0
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> ModelPrediction:
+        nonlocal calls
+        if cache is not None:
+            cache.full = calls % cache_interval == 0
+        calls += 1
         with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            out = guided_output(net, x.to(label.dtype), d.model_timesteps(t), label, scale, batched)
+            out = guided_output(net, x.to(label.dtype), d.model_timesteps(t), label, scale, batched, cache)
         return d.split_output(out.float())
 
     return denoise

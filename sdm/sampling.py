@@ -27,6 +27,7 @@ from sdm.samplers import SAMPLERS, Known, NoiseSource, make_denoiser, sample
 
 MAX_GUIDANCE = 100.0  # far beyond any useful scale; larger values only overflow into noise
 DEFAULT_MICRO_BATCH = 8
+MAX_CACHE_INTERVAL = 10  # deep features older than this many steps describe another noise level
 
 Progress = Callable[[int, int], None]
 
@@ -50,16 +51,19 @@ class SamplingParams:
     num_inference_steps: int
     sampler: str
     eta: float
+    cache_interval: int = 1  # k > 1: the deep features are recomputed every k-th step only (sdm.unet.FeatureCache)
 
     @classmethod
     def resolve(cls, defaults: SamplingConfig, num_timesteps: int, guidance_scale: float | None = None,
-                num_inference_steps: int | None = None, sampler: str | None = None, eta: float | None = None) -> "SamplingParams":
+                num_inference_steps: int | None = None, sampler: str | None = None, eta: float | None = None,
+                cache_interval: int | None = None) -> "SamplingParams":
         """Unset fields from the model's defaults; InvalidInputError names the first bad field."""
         params = cls(
             guidance_scale=defaults.guidance_scale if guidance_scale is None else guidance_scale,
             num_inference_steps=defaults.num_inference_steps if num_inference_steps is None else num_inference_steps,
             sampler=defaults.sampler if sampler is None else sampler,
             eta=defaults.eta if eta is None else eta,
+            cache_interval=1 if cache_interval is None else cache_interval,
         )
         check_guidance(params.guidance_scale)
         n = params.num_inference_steps
@@ -69,6 +73,9 @@ class SamplingParams:
             raise InvalidInputError(f"unknown sampler {params.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if not _is_number(params.eta) or not 0 <= params.eta <= 1:
             raise InvalidInputError(f"eta must be a number in [0, 1], got {params.eta!r}")
+        k = params.cache_interval
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_CACHE_INTERVAL:
+            raise InvalidInputError(f"cache_interval must be an integer in [1, {MAX_CACHE_INTERVAL}] (1: no feature cache), got {k!r}")
         return params
 
     def to_dict(self) -> dict[str, Any]:
@@ -147,6 +154,7 @@ class SampleRunner:
         if known is not None:
             chunk_known = Known(known.x0[idx].contiguous().to(self.device), known.mask[idx].contiguous().to(self.device))
         return sample(
-            lambda d: make_denoiser(self.net, d, label, scale, self.dtype), self.diffusion, params.sampler,
+            lambda d: make_denoiser(self.net, d, label, scale, self.dtype, cache_interval=params.cache_interval),
+            self.diffusion, params.sampler,
             params.num_inference_steps, noise, eta=params.eta, known=chunk_known, progress=progress,
         )

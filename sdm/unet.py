@@ -9,6 +9,7 @@ The network knows nothing of noise schedules: it maps (x_t, t, label input) to e
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -170,6 +171,19 @@ class Stage(nn.ModuleList):
         return x
 
 
+@dataclass
+class FeatureCache:
+    """DeepCache-style reuse of the deep U-Net features across denoising steps (Ma et al. 2024).
+
+    A full step runs the whole network and keeps `deep`, the decoder's input to its last `depth` stages. A cached
+    step runs only the first `depth` encoder stages and those last `depth` decoder stages (which keep their SPADE
+    conditioning), fed with `deep` from the last full step. The caller sets `full` before each call."""
+
+    depth: int = 1
+    full: bool = True
+    deep: torch.Tensor | None = None
+
+
 class SDMUNet(nn.Module):
     """U-Net over [B, 3, H, W] noisy images; returns [B, 3 or 6, H, W] (eps, then v when learn_sigma)."""
 
@@ -229,18 +243,26 @@ class SDMUNet(nn.Module):
             return checkpoint(stage, h, emb, label, use_reentrant=False)
         return stage(h, emb, label)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        """x: [B,3,H,W] noisy image; t: [B] timesteps on the original 0..T-1 scale; label: [B,C,H,W]."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor, cache: FeatureCache | None = None) -> torch.Tensor:
+        """x: [B,3,H,W] noisy image; t: [B] timesteps on the original 0..T-1 scale; label: [B,C,H,W].
+        With a `cache` whose `full` is False, only the shallow path runs (see FeatureCache)."""
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels))
         spade = self.cfg.conditioning == "spade"
         h = x if spade else torch.cat([x, label.to(x.dtype)], dim=1)
         cond = label if spade else None
+        shallow = cache is not None and not cache.full
         hs = []
-        for stage in self.input_blocks:
+        for stage in self.input_blocks[: cache.depth] if shallow else self.input_blocks:
             h = self._run(stage, h, emb, None)
             hs.append(h)
-        h = self._run(self.middle_block, h, emb, cond)
-        for stage in self.output_blocks:
+        if shallow:
+            h, decoder = cache.deep, self.output_blocks[-cache.depth :]
+        else:
+            h = self._run(self.middle_block, h, emb, cond)
+            decoder = self.output_blocks
+        for j, stage in enumerate(decoder):
+            if cache is not None and cache.full and j == len(decoder) - cache.depth:
+                cache.deep = h
             h = self._run(stage, torch.cat([h, hs.pop()], dim=1), emb, cond)
         return self.out_conv(F.silu(self.out_norm(h)))
 

@@ -126,6 +126,7 @@ class Job:
     num_samples: int
     image: np.ndarray | None = None  # edit: uint8 [H, W, 3]
     mask: np.ndarray | None = None  # edit: [H, W], nonzero where the image is regenerated
+    cache_interval: int = 1  # sdm.unet.FeatureCache: 1 runs the whole network every step
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -169,6 +170,7 @@ async def parse_job(kind: str, request: Request, body: bytes, catalog: Catalog, 
         sampler=req.sampler or info.defaults.sampler,
         seed=secrets.randbits(63) if req.seed is None else req.seed,
         num_samples=_at_most("num_samples", req.num_samples, limits.max_samples),
+        cache_interval=req.cache_interval,
     )
     if kind == "edit":
         with _reading("image"):

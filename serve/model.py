@@ -68,10 +68,10 @@ class _Pending:
     cancelled: bool = False  # its caller went away (client disconnect or request timeout)
 
 
-def _group_key(job: Job) -> tuple[str, str, str, int]:
+def _group_key(job: Job) -> tuple[str, str, str, int, int]:
     """Requests sharing a key run in one call of the runner (which keeps unguided rows apart itself). Serve's batcher
     already splits batches by model; the key says it again where it matters."""
-    return job.model, job.kind, job.sampler, job.steps
+    return job.model, job.kind, job.sampler, job.steps, job.cache_interval
 
 
 class SDMModel:
@@ -198,7 +198,7 @@ class SDMModel:
         known = None
         if group[0].known is not None:
             known = Known(torch.cat([p.known.x0 for p in group]), torch.cat([p.known.mask for p in group]))
-        params = SamplingParams(job.guidance_scale, job.steps, job.sampler, pipe.config.sampling.eta)
+        params = SamplingParams(job.guidance_scale, job.steps, job.sampler, pipe.config.sampling.eta, job.cache_interval)
         return pipe.runner(
             torch.cat([p.label for p in group]),
             [s for p in group for s in p.seeds],

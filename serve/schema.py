@@ -11,7 +11,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSche
 from pydantic_core import PydanticCustomError
 
 from sdm.samplers import SAMPLERS
-from sdm.sampling import MAX_GUIDANCE
+from sdm.sampling import MAX_CACHE_INTERVAL, MAX_GUIDANCE
 
 MODEL_HEADER = "serve_multiplexed_model_id"  # Ray Serve's header naming the model of a request
 
@@ -56,8 +56,10 @@ class SamplingFields(BaseModel):
     sampler: Literal[SAMPLERS] | None = None  # type: ignore[valid-type]
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="unset: a random seed, returned in the answer")
     num_samples: int = Field(1, ge=1, description="images for this label map; at most limits.max_samples")
+    cache_interval: int = Field(1, ge=1, le=MAX_CACHE_INTERVAL,
+                                description="k > 1: deep U-Net features recomputed every k-th step only (faster, lower quality)")
 
-    @field_validator("guidance_scale", "steps", "seed", "num_samples", mode="before")
+    @field_validator("guidance_scale", "steps", "seed", "num_samples", "cache_interval", mode="before")
     @classmethod
     def _not_a_boolean(cls, value: Any) -> Any:
         if isinstance(value, bool):

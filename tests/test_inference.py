@@ -1,5 +1,5 @@
 """The inference fast path (sdm.inference): channels_last, bf16-held weights and torch.compile, against the eager
-contiguous network, with the determinism promises kept."""
+contiguous network, with the determinism promises kept; and the opt-in feature cache (sdm.unet.FeatureCache)."""
 
 import numpy as np
 import pytest
@@ -7,10 +7,12 @@ import torch
 from torch import nn
 
 from sdm.config import get_preset
+from sdm.errors import InvalidInputError
 from sdm.pipeline import SDMPipeline
+from sdm.samplers import guided_output
 from sdm.sampling import derive_seed
 from sdm.testing import perturbed
-from sdm.unet import GroupNorm32, SDMUNet
+from sdm.unet import FeatureCache, GroupNorm32, SDMUNet
 
 
 def _labels(b: int, seed: int = 0) -> np.ndarray:
@@ -98,3 +100,52 @@ def test_compiled_sampling_is_compiled_once_keeps_batch_independence_and_matches
     eager_error, compiled_error = np.abs(eager - fp32).mean(), np.abs(together.astype(int) - fp32).mean()
     print(f"mean |pixel - fp32|: eager bf16 {eager_error:.3f}, compiled bf16 {compiled_error:.3f}")
     assert 0 < compiled_error < 1.5 * eager_error
+
+
+def _forward(net: SDMUNet, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor, cache: FeatureCache | None = None) -> torch.Tensor:
+    with torch.no_grad():
+        return net(x, t, label, cache) if cache is not None else net(x, t, label)
+
+
+def test_feature_cache_full_and_shallow_steps_on_the_same_input_give_the_network_output_exactly(random_tiny_net, tiny_cfg):
+    """A shallow step recomputes the first encoder stage and reuses the decoder's input to its last stage: on the
+    input of the full step it must give the full network's output bit for bit; on another input it differs."""
+    g = torch.Generator().manual_seed(1)
+    x, x2 = torch.randn(2, 3, 32, 32, generator=g), torch.randn(2, 3, 32, 32, generator=g)
+    t, label = torch.tensor([40.0, 900.0]), SDMPipeline(random_tiny_net, tiny_cfg, "cpu", "fp32").prepare_labels(_labels(2))
+    ref = _forward(random_tiny_net, x, t, label)
+    cache = FeatureCache(depth=1)
+    assert torch.equal(_forward(random_tiny_net, x, t, label, cache), ref) and cache.deep is not None
+    cache.full = False
+    assert torch.equal(_forward(random_tiny_net, x, t, label, cache), ref)
+    shallow = _forward(random_tiny_net, x2, t, label, cache)
+    assert not torch.allclose(shallow, _forward(random_tiny_net, x2, t, label), atol=1e-3)
+    with pytest.raises(ValueError, match="batched guidance"):
+        guided_output(random_tiny_net, x, t, label, 2.0, batched=False, cache=cache)
+
+
+@pytest.mark.parametrize("interval,steps,full", [(1, 10, 10), (2, 10, 5), (3, 10, 4), (10, 10, 1)])
+def test_cache_interval_k_runs_the_deep_path_on_every_kth_step(random_tiny_net, tiny_cfg, interval, steps, full):
+    pipe = SDMPipeline(random_tiny_net, tiny_cfg, device="cpu", precision="fp32", micro_batch=2)
+    calls = []
+    pipe.net.middle_block.register_forward_hook(lambda *_: calls.append(1))
+    pipe(_labels(2), num_steps=steps, seed=0, cache_interval=interval, sampler="ddim")
+    assert len(calls) == full
+
+
+def test_cached_sampling_keeps_batch_independence_and_interval_1_is_the_uncached_path(random_tiny_net, tiny_cfg):
+    pipe = SDMPipeline(random_tiny_net, tiny_cfg, device="cpu", precision="bf16", micro_batch=4)
+    labels = _labels(3)
+    together = pipe(labels, num_steps=6, num_samples=2, seed=7, cache_interval=3)
+    alone = pipe(labels[1], num_steps=6, seed=[derive_seed(7, 2), derive_seed(7, 3)], num_samples=2, cache_interval=3)
+    assert np.array_equal(alone, together[2:4])
+    assert np.array_equal(pipe(labels, num_steps=6, num_samples=2, seed=7, cache_interval=1),
+                          pipe(labels, num_steps=6, num_samples=2, seed=7))
+    assert not np.array_equal(together, pipe(labels, num_steps=6, num_samples=2, seed=7))
+
+
+@pytest.mark.parametrize("bad", [0, 11, 2.5, True, "2"])
+def test_a_bad_cache_interval_is_refused_by_name(random_tiny_net, tiny_cfg, bad):
+    pipe = SDMPipeline(random_tiny_net, tiny_cfg, device="cpu", precision="fp32")
+    with pytest.raises(InvalidInputError, match=r"cache_interval must be an integer in \[1, 10\]"):
+        pipe(_labels(1), num_steps=2, cache_interval=bad)

@@ -64,7 +64,7 @@ def assert_valid_outcome(result: Job | ApiError, info: ModelInfo) -> None:
     assert result.label.shape == info.size and result.label.min() >= 0 and result.label.max() < info.num_classes
     assert 0 <= result.guidance_scale <= 100 and math.isfinite(result.guidance_scale)
     assert 1 <= result.steps <= info.max_steps and 1 <= result.num_samples <= LIMITS.max_samples
-    assert 0 <= result.seed < 2**63 and result.model == "default"
+    assert 0 <= result.seed < 2**63 and result.model == "default" and 1 <= result.cache_interval <= 10
     if result.kind == "edit":
         assert result.image.shape == (*info.size, 3) and result.mask.shape == info.size and result.mask.any()
 
@@ -79,7 +79,7 @@ json_values = st.recursive(
     max_leaves=20,
 )
 param_values = json_values | st.sampled_from(["2", "1e30", "nan", "-1", "ddim", "dpm++", " 3", "0x10", "", "\x00"])
-PARAMS = ("guidance_scale", "steps", "sampler", "seed", "num_samples", "model")
+PARAMS = ("guidance_scale", "steps", "sampler", "seed", "num_samples", "model", "cache_interval")
 
 
 @FUZZ
@@ -191,6 +191,9 @@ def test_the_model_field_then_the_multiplexing_header_pick_the_model_and_unknown
     ({"num_samples": 5}, "invalid_parameter", "num_samples must be in [1, 4], got 5"),
     ({"guidance_scale": "inf"}, "invalid_parameter", "guidance_scale: Input should be a finite number"),
     ({"sampler": "euler"}, "invalid_parameter", "sampler: Input should be 'ddpm'"),
+    ({"cache_interval": 0}, "invalid_parameter", "cache_interval: Input should be greater than or equal to 1"),
+    ({"cache_interval": 11}, "invalid_parameter", "cache_interval: Input should be less than or equal to 10"),
+    ({"cache_interval": True}, "invalid_parameter", "cache_interval: must be a number, not a boolean"),
     ({"label": 7}, "invalid_field", "label: expected a file upload or a base64 string"),
     ({"label": "@@"}, "invalid_base64", "label: not valid base64"),
     ({"strength": 1, "mask": "x"}, "unknown_field", "unknown fields ['mask', 'strength']"),
