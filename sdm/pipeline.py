@@ -62,8 +62,9 @@ def _stack(maps: LabelLike | Sequence[LabelLike], what: str) -> np.ndarray:
 class SDMPipeline:
     """An SDM network with its diffusion process, sampling defaults and the runner that samples it.
 
-    `fast` and `compile` choose the inference fast path (sdm.inference): channels_last and bf16-held weights by
-    default; torch.compile on request, after which `warm_up` compiles before the first call."""
+    `fast` and `compile` choose the inference fast path (sdm.inference): channels_last, bf16-held weights and the
+    label maps' SPADE modulations computed once per sampling run by default; torch.compile on request, after
+    which `warm_up` compiles before the first call."""
 
     def __init__(self, net: SDMUNet, config: SDMConfig, device: torch.device | str | None = None, precision: str = "auto",
                  micro_batch: int = DEFAULT_MICRO_BATCH, fast: bool = True, compile: bool = False):
@@ -73,7 +74,7 @@ class SDMPipeline:
         self.net = prepare_net(net, self.device, self.dtype, fast)
         self.diffusion = GaussianDiffusion.from_config(config.diffusion, learn_sigma=config.model.learn_sigma)
         runner_net = compile_net(self.net, self.device) if compile else self.net
-        self.runner = SampleRunner(runner_net, self.diffusion, self.device, self.dtype, micro_batch)
+        self.runner = SampleRunner(runner_net, self.diffusion, self.device, self.dtype, micro_batch, label_cache=fast)
 
     @classmethod
     def from_pretrained(cls, uri: str, device: torch.device | str | None = None, precision: str = "auto",

@@ -19,7 +19,7 @@ from torch import nn
 
 from sdm.diffusion import GaussianDiffusion, ModelPrediction, spaced_steps
 from sdm.labels import null_label
-from sdm.unet import FeatureCache
+from sdm.unet import FeatureCache, Modulations
 
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], ModelPrediction]
@@ -33,28 +33,37 @@ def guided_output(
     scale: float | torch.Tensor,
     batched: bool = True,
     cache: FeatureCache | None = None,
+    mods: Modulations | None = None,
 ) -> torch.Tensor:
     """Network output with guidance eps = eps(null) + s * (eps(label) - eps(null)) on the eps channels.
 
     `scale` is one number, or a [B] tensor with one per row. The variance channels come from the
     conditional branch. A scalar s = 1 runs the conditional model alone; otherwise both branches go
-    through the network in one batched forward pass (or two, for comparison; not with a feature cache).
+    through the network in one batched forward pass (or two, for comparison; not with a feature cache or
+    precomputed modulations, which belong to the network batch: those of `guidance_input(label, scale)`).
     """
-    extra = {} if cache is None else {"cache": cache}
+    extra = {k: v for k, v in (("cache", cache), ("mods", mods)) if v is not None}
     if not isinstance(scale, torch.Tensor) and scale == 1.0:
         return net(x, t, label, **extra)
-    null = null_label(label)
     if batched:
-        out = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([label, null]), **extra)
+        out = net(torch.cat([x, x]), torch.cat([t, t]), guidance_input(label, scale), **extra)
         cond, uncond = out.chunk(2)
-    elif cache is not None:
-        raise ValueError("a feature cache needs batched guidance: the two branches would share one cache")
+    elif extra:
+        raise ValueError("a feature cache or precomputed modulations need batched guidance: the branches would share them")
     else:
+        null = null_label(label)
         cond, uncond = net(x, t, label), net(x, t, null)
     if isinstance(scale, torch.Tensor):
         scale = scale.to(cond.device, cond.dtype).view(-1, 1, 1, 1)
     eps = uncond[:, :3] + scale * (cond[:, :3] - uncond[:, :3])
     return torch.cat([eps, cond[:, 3:]], dim=1)
+
+
+def guidance_input(label: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """The label input of the network batch guided_output runs: the labels, then their null labels when guided."""
+    if not isinstance(scale, torch.Tensor) and scale == 1.0:
+        return label
+    return torch.cat([label, null_label(label)])
 
 
 class NoiseSource:
@@ -99,20 +108,25 @@ def make_denoiser(
     autocast_dtype: torch.dtype | None = None,
     batched: bool = True,
     cache_interval: int = 1,
+    label_cache: bool = False,
 ) -> Denoiser:
-    """A function (x_t, step index of d) -> prediction, calling the network with guidance. With `cache_interval`
-    k > 1, every k-th call (the first included) runs the whole network and the others reuse its deep features
-    (FeatureCache); make one denoiser per sampling run, as the cache follows its calls."""
+    """A function (x_t, step index of d) -> prediction, calling the network with guidance. Make one per sampling
+    run: with `label_cache` the SPADE modulations of the label map are computed on the first call and reused by
+    every step (the same numbers, fewer FLOPs; needs batched guidance); with `cache_interval` k > 1, every k-th
+    call (the first included) runs the whole network and the others reuse its deep features (FeatureCache)."""
     cache = FeatureCache() if cache_interval > 1 else None
+    mods: Modulations | None = None
     calls = 0
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> ModelPrediction:
-        nonlocal calls
+        nonlocal calls, mods
         if cache is not None:
             cache.full = calls % cache_interval == 0
         calls += 1
         with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            out = guided_output(net, x.to(label.dtype), d.model_timesteps(t), label, scale, batched, cache)
+            if label_cache and mods is None:
+                mods = net.modulations(guidance_input(label, scale))
+            out = guided_output(net, x.to(label.dtype), d.model_timesteps(t), label, scale, batched, cache, mods)
         return d.split_output(out.float())
 
     return denoise

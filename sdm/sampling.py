@@ -100,11 +100,12 @@ class SampleRunner:
     """A network and its diffusion process, run in fixed micro-batches on one device and precision."""
 
     def __init__(self, net: nn.Module, diffusion: GaussianDiffusion, device: torch.device,
-                 autocast_dtype: torch.dtype | None, micro_batch: int = DEFAULT_MICRO_BATCH):
+                 autocast_dtype: torch.dtype | None, micro_batch: int = DEFAULT_MICRO_BATCH, label_cache: bool = False):
+        """`label_cache`: compute the SPADE modulations of a micro-batch's label maps once per run (sdm.samplers)."""
         if micro_batch < 1:
             raise InvalidInputError(f"micro_batch must be >= 1, got {micro_batch}")
         self.net, self.diffusion, self.device, self.dtype = net, diffusion, device, autocast_dtype
-        self.micro_batch = micro_batch
+        self.micro_batch, self.label_cache = micro_batch, label_cache
 
     @torch.no_grad()
     def __call__(self, labels: torch.Tensor, seeds: Sequence[int], params: SamplingParams,
@@ -138,7 +139,7 @@ class SampleRunner:
         x = torch.zeros(self.micro_batch, 3, *size, device=self.device)
         t = torch.zeros(self.micro_batch, dtype=torch.long, device=self.device)
         for scale in (1.0, 2.0):
-            pred = make_denoiser(self.net, self.diffusion, label, scale, self.dtype)(x, t)
+            pred = make_denoiser(self.net, self.diffusion, label, scale, self.dtype, label_cache=self.label_cache)(x, t)
             if not torch.isfinite(pred.eps).all():
                 raise RuntimeError("the model's output is not finite")
 
@@ -154,7 +155,8 @@ class SampleRunner:
         if known is not None:
             chunk_known = Known(known.x0[idx].contiguous().to(self.device), known.mask[idx].contiguous().to(self.device))
         return sample(
-            lambda d: make_denoiser(self.net, d, label, scale, self.dtype, cache_interval=params.cache_interval),
+            lambda d: make_denoiser(self.net, d, label, scale, self.dtype, cache_interval=params.cache_interval,
+                                    label_cache=self.label_cache),
             self.diffusion, params.sampler,
             params.num_inference_steps, noise, eta=params.eta, known=chunk_known, progress=progress,
         )

@@ -38,36 +38,49 @@ class GroupNorm32(nn.GroupNorm):
             return super().forward(x.float()).to(x.dtype)
 
 
-class SPADE(nn.Module):
-    """Parameter-free GroupNorm, then x * (1 + gamma(m)) + beta(m) from the label map m."""
+Modulations = list[tuple[torch.Tensor, torch.Tensor]]  # (gamma, beta) of every SPADE, in SDMUNet.modulations' order
 
-    def __init__(self, channels: int, label_channels: int, hidden: int, groups: int):
+
+class SPADE(nn.Module):
+    """Parameter-free GroupNorm, then x * (1 + gamma(m)) + beta(m) from the label map m.
+
+    gamma and beta depend on the label map alone, not on x_t or t: a sampling run computes them once
+    (`SDMUNet.modulations`) and hands them to every step, which skips most of the label path's FLOPs."""
+
+    def __init__(self, channels: int, label_channels: int, hidden: int, groups: int, divisor: int):
         super().__init__()
         self.norm = GroupNorm32(groups, channels, affine=False)
         self.mlp_shared = nn.Sequential(nn.Conv2d(label_channels, hidden, 3, padding=1), nn.ReLU())
         self.mlp_gamma = nn.Conv2d(hidden, channels, 3, padding=1)
         self.mlp_beta = nn.Conv2d(hidden, channels, 3, padding=1)
+        self.divisor = divisor  # the input image's size over this norm's
+        self.index = 0  # its place in SDMUNet.modulations, set by the network
 
-    def forward(self, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    def modulation(self, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gamma, beta) for a label input at the image's size."""
+        size = (label.shape[-2] // self.divisor, label.shape[-1] // self.divisor)
+        actv = self.mlp_shared(F.interpolate(label, size=size, mode="nearest"))
+        return self.mlp_gamma(actv), self.mlp_beta(actv)
+
+    def forward(self, x: torch.Tensor, label: torch.Tensor, mods: Modulations | None = None) -> torch.Tensor:
         x = self.norm(x)
-        m = F.interpolate(label, size=x.shape[-2:], mode="nearest")
-        actv = self.mlp_shared(m)
-        return x * (1 + self.mlp_gamma(actv)) + self.mlp_beta(actv)
+        gamma, beta = self.modulation(label) if mods is None else mods[self.index]
+        return x * (1 + gamma) + beta
 
 
 class Norm(nn.Module):
     """SPADE when the block is label-conditioned, else an affine GroupNorm; one call signature."""
 
-    def __init__(self, channels: int, cfg: ModelConfig, spade: bool):
+    def __init__(self, channels: int, cfg: ModelConfig, spade: bool, divisor: int):
         super().__init__()
         if spade:
-            self.spade = SPADE(channels, cfg.label_channels, cfg.spade_hidden, cfg.norm_groups)
+            self.spade = SPADE(channels, cfg.label_channels, cfg.spade_hidden, cfg.norm_groups, divisor)
         else:
             self.group = GroupNorm32(cfg.norm_groups, channels)
 
-    def forward(self, x: torch.Tensor, label: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, label: torch.Tensor | None, mods: Modulations | None = None) -> torch.Tensor:
         if hasattr(self, "spade"):
-            return self.spade(x, label)
+            return self.spade(x, label, mods)
         return self.group(x)
 
 
@@ -82,13 +95,16 @@ class ResBlock(nn.Module):
         emb_dim: int,
         spade: bool,
         resample: str | None = None,
+        divisor: int = 1,
     ):
+        """`divisor`: the input image's size over this block's input size."""
         super().__init__()
-        self.in_norm = Norm(channels, cfg, spade)
+        self.in_norm = Norm(channels, cfg, spade, divisor)
         self.in_conv = nn.Conv2d(channels, out_channels, 3, padding=1)
         self.resample = resample  # None | "up" | "down"
         self.emb_proj = nn.Linear(emb_dim, 2 * out_channels)
-        self.out_norm = Norm(out_channels, cfg, spade)
+        out_divisor = {"up": divisor // 2, "down": divisor * 2}.get(resample or "", divisor)
+        self.out_norm = Norm(out_channels, cfg, spade, out_divisor)
         self.dropout = nn.Dropout(cfg.dropout)
         self.out_conv = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         nn.init.zeros_(self.out_conv.weight)
@@ -102,12 +118,12 @@ class ResBlock(nn.Module):
             return F.avg_pool2d(x, 2)
         return x
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, label: torch.Tensor | None) -> torch.Tensor:
-        h = F.silu(self.in_norm(x, label))
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, label: torch.Tensor | None, mods: Modulations | None = None) -> torch.Tensor:
+        h = F.silu(self.in_norm(x, label, mods))
         h = self.in_conv(self._resample(h))
         x = self._resample(x)
         scale, shift = self.emb_proj(F.silu(emb)).to(h.dtype)[..., None, None].chunk(2, dim=1)
-        h = self.out_norm(h, label) * (1 + scale) + shift
+        h = self.out_norm(h, label, mods) * (1 + scale) + shift
         h = self.out_conv(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
@@ -165,9 +181,9 @@ class Upsample(nn.Module):
 class Stage(nn.ModuleList):
     """A sequence of layers; resblocks also get the timestep embedding and the label map."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, label: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, label: torch.Tensor | None, mods: Modulations | None = None) -> torch.Tensor:
         for layer in self:
-            x = layer(x, emb, label) if isinstance(layer, ResBlock) else layer(x)
+            x = layer(x, emb, label, mods) if isinstance(layer, ResBlock) else layer(x)
         return x
 
 
@@ -203,33 +219,33 @@ class SDMUNet(nn.Module):
         ds = 1
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                layers: list[nn.Module] = [ResBlock(cfg, ch, int(mult * mc), emb_dim, spade=False)]
+                layers: list[nn.Module] = [ResBlock(cfg, ch, int(mult * mc), emb_dim, spade=False, divisor=ds)]
                 ch = int(mult * mc)
                 if short_side // ds in cfg.attention_resolutions:
                     layers.append(Attention(cfg, ch))
                 self.input_blocks.append(Stage(layers))
                 skips.append(ch)
             if level != len(cfg.channel_mult) - 1:
-                down = ResBlock(cfg, ch, ch, emb_dim, spade=False, resample="down") if cfg.resblock_updown else Downsample(ch)
+                down = ResBlock(cfg, ch, ch, emb_dim, spade=False, resample="down", divisor=ds) if cfg.resblock_updown else Downsample(ch)
                 self.input_blocks.append(Stage([down]))
                 skips.append(ch)
                 ds *= 2
         self.middle_block = Stage(
             [
-                ResBlock(cfg, ch, ch, emb_dim, spade=spade),
+                ResBlock(cfg, ch, ch, emb_dim, spade=spade, divisor=ds),
                 Attention(cfg, ch),
-                ResBlock(cfg, ch, ch, emb_dim, spade=spade),
+                ResBlock(cfg, ch, ch, emb_dim, spade=spade, divisor=ds),
             ]
         )
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
-                layers = [ResBlock(cfg, ch + skips.pop(), int(mult * mc), emb_dim, spade=spade)]
+                layers = [ResBlock(cfg, ch + skips.pop(), int(mult * mc), emb_dim, spade=spade, divisor=ds)]
                 ch = int(mult * mc)
                 if short_side // ds in cfg.attention_resolutions:
                     layers.append(Attention(cfg, ch))
                 if level and i == cfg.num_res_blocks:
-                    up = ResBlock(cfg, ch, ch, emb_dim, spade=spade, resample="up") if cfg.resblock_updown else Upsample(ch)
+                    up = ResBlock(cfg, ch, ch, emb_dim, spade=spade, resample="up", divisor=ds) if cfg.resblock_updown else Upsample(ch)
                     layers.append(up)
                     ds //= 2
                 self.output_blocks.append(Stage(layers))
@@ -237,15 +253,26 @@ class SDMUNet(nn.Module):
         self.out_conv = nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
         nn.init.zeros_(self.out_conv.weight)
         nn.init.zeros_(self.out_conv.bias)
+        for i, spade_norm in enumerate(self._spades()):
+            spade_norm.index = i
 
-    def _run(self, stage: Stage, h: torch.Tensor, emb: torch.Tensor, label: torch.Tensor | None) -> torch.Tensor:
+    def _spades(self) -> list[SPADE]:
+        return [m for m in self.modules() if isinstance(m, SPADE)]
+
+    def modulations(self, label: torch.Tensor) -> Modulations:
+        """Every SPADE's (gamma, beta) for a label input: what a sampling run computes once and passes to forward."""
+        return [m.modulation(label) for m in self._spades()]
+
+    def _run(self, stage: Stage, h: torch.Tensor, emb: torch.Tensor, label: torch.Tensor | None, mods: Modulations | None) -> torch.Tensor:
         if self.cfg.use_checkpoint and self.training and torch.is_grad_enabled():
-            return checkpoint(stage, h, emb, label, use_reentrant=False)
-        return stage(h, emb, label)
+            return checkpoint(stage, h, emb, label, mods, use_reentrant=False)
+        return stage(h, emb, label, mods)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor, cache: FeatureCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor, cache: FeatureCache | None = None,
+                mods: Modulations | None = None) -> torch.Tensor:
         """x: [B,3,H,W] noisy image; t: [B] timesteps on the original 0..T-1 scale; label: [B,C,H,W].
-        With a `cache` whose `full` is False, only the shallow path runs (see FeatureCache)."""
+        With a `cache` whose `full` is False, only the shallow path runs (see FeatureCache); `mods`, this label
+        input's `modulations`, spares the SPADE layers computing them."""
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels))
         spade = self.cfg.conditioning == "spade"
         h = x if spade else torch.cat([x, label.to(x.dtype)], dim=1)
@@ -253,17 +280,17 @@ class SDMUNet(nn.Module):
         shallow = cache is not None and not cache.full
         hs = []
         for stage in self.input_blocks[: cache.depth] if shallow else self.input_blocks:
-            h = self._run(stage, h, emb, None)
+            h = self._run(stage, h, emb, None, None)
             hs.append(h)
         if shallow:
             h, decoder = cache.deep, self.output_blocks[-cache.depth :]
         else:
-            h = self._run(self.middle_block, h, emb, cond)
+            h = self._run(self.middle_block, h, emb, cond, mods)
             decoder = self.output_blocks
         for j, stage in enumerate(decoder):
             if cache is not None and cache.full and j == len(decoder) - cache.depth:
                 cache.deep = h
-            h = self._run(stage, torch.cat([h, hs.pop()], dim=1), emb, cond)
+            h = self._run(stage, torch.cat([h, hs.pop()], dim=1), emb, cond, mods)
         return self.out_conv(F.silu(self.out_norm(h)))
 
 

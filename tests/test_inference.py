@@ -12,7 +12,7 @@ from sdm.pipeline import SDMPipeline
 from sdm.samplers import guided_output
 from sdm.sampling import derive_seed
 from sdm.testing import perturbed
-from sdm.unet import FeatureCache, GroupNorm32, SDMUNet
+from sdm.unet import SPADE, FeatureCache, GroupNorm32, SDMUNet
 
 
 def _labels(b: int, seed: int = 0) -> np.ndarray:
@@ -149,3 +149,29 @@ def test_a_bad_cache_interval_is_refused_by_name(random_tiny_net, tiny_cfg, bad)
     pipe = SDMPipeline(random_tiny_net, tiny_cfg, device="cpu", precision="fp32")
     with pytest.raises(InvalidInputError, match=r"cache_interval must be an integer in \[1, 10\]"):
         pipe(_labels(1), num_steps=2, cache_interval=bad)
+
+
+def test_precomputed_modulations_give_the_networks_output_exactly(random_tiny_net, tiny_cfg):
+    """Every SPADE's (gamma, beta) at its own resolution, computed once from the label input: the same numbers."""
+    g = torch.Generator().manual_seed(2)
+    x, t = torch.randn(2, 3, 32, 32, generator=g), torch.tensor([10.0, 500.0])
+    label = SDMPipeline(random_tiny_net, tiny_cfg, "cpu", "fp32").prepare_labels(_labels(2))
+    with torch.no_grad():
+        mods = random_tiny_net.modulations(label)
+        assert torch.equal(random_tiny_net(x, t, label, mods=mods), random_tiny_net(x, t, label))
+    assert len(mods) == sum(isinstance(m, SPADE) for m in random_tiny_net.modules())
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_the_label_cache_computes_the_label_path_once_per_run_and_changes_no_pixel(random_tiny_net, tiny_cfg, guidance):
+    fast = SDMPipeline(random_tiny_net, tiny_cfg, device="cpu", precision="bf16", micro_batch=4)
+    assert fast.runner.label_cache
+    calls = []
+    spade = next(m for m in fast.net.modules() if isinstance(m, SPADE))
+    spade.mlp_shared.register_forward_hook(lambda *_: calls.append(1))
+    labels = _labels(3)
+    cached = fast(labels, num_steps=5, seed=4, guidance_scale=guidance)
+    assert len(calls) == 1  # one micro-batch of 4 rows: once, not once per step
+    fast.runner.label_cache = False
+    assert np.array_equal(fast(labels, num_steps=5, seed=4, guidance_scale=guidance), cached)
+    assert len(calls) == 1 + 5

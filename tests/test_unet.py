@@ -106,7 +106,7 @@ def test_instance_edges_mark_both_sides_of_a_boundary():
 
 def test_spade_modulates_the_normalised_features_around_identity():
     """x * (1 + gamma) + beta: zero gamma and beta leave the normalised features as they are."""
-    spade = SPADE(16, 7, 8, 4)
+    spade = SPADE(16, 7, 8, 4, divisor=1)
     x, label = torch.randn(2, 16, 8, 8), torch.rand(2, 7, 8, 8)
     with torch.no_grad():
         for conv in (spade.mlp_gamma, spade.mlp_beta):
