@@ -8,7 +8,10 @@ For each sampler at each step count (and the reference, `ddpm` at 1000 steps) it
 `--maps` validation label maps with the same seeds, and prints: network evaluations per image, wall time, the
 texture (mean absolute difference of neighbouring pixels, real images alongside), the spectrum distance to the
 real images and to the reference, the built-in segmenter's mIoU and feature Frechet distance, and the low-pass
-pixel diversity. The cheapest setting within the tolerances is printed last (texture within --texture-tolerance
+pixel diversity. With --cache-intervals, the model's default sampler also runs with the feature cache
+(sdm.unet.FeatureCache: the deep features recomputed every k-th step only) at --cache-steps, each row next to its
+uncached setting, so its speed-up and its quality loss come from one run. The cheapest uncached setting within the
+tolerances is printed last (texture within --texture-tolerance
 of the real images', mIoU at most --miou-tolerance under the reference's): that is how the presets' default
 sampler is chosen (docs/evaluation.md). A contact sheet PNG shows one column per setting.
 
@@ -61,6 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--miou-tolerance", type=float, default=0.01, help="mIoU below the reference's allowed")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     p.add_argument("--switch-steps", type=int, default=25, help="steps of the switched-DDIM diagnosis")
+    p.add_argument("--cache-intervals", default="2,3,5", help="feature-cache intervals k to measure ('' for none)")
+    p.add_argument("--cache-steps", default="25,50", help="step counts of the feature-cache rows (the model's default sampler)")
     return p.parse_args(argv)
 
 
@@ -178,34 +183,47 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{r['switch_t']:>5}{r['stochastic_above']:>26.2f}{r['deterministic_above']:>26.2f}")
     log("")
 
-    def draw(sampler: str, steps: int, eta: float) -> tuple[np.ndarray, float]:
+    def draw(sampler: str, steps: int, eta: float, cache: int = 1) -> tuple[np.ndarray, float]:
         t0 = time.perf_counter()
         images = pipe([m["label"] for m in maps], instances=[m["instance"] for m in maps], guidance_scale=guidance,
-                      num_steps=steps, sampler=sampler, eta=eta, seed=args.seed, num_samples=args.k)
+                      num_steps=steps, sampler=sampler, eta=eta, seed=args.seed, num_samples=args.k, cache_interval=cache)
         return images, time.perf_counter() - t0
 
-    settings = [(s, n, args.eta) for s in args.samplers.split(",") for n in (int(v) for v in args.steps.split(","))]
+    settings = [(s, n, args.eta, 1) for s in args.samplers.split(",") for n in (int(v) for v in args.steps.split(","))]
     if "ddim" in args.samplers.split(","):
-        settings += [("ddim", n, 1.0) for n in (int(v) for v in args.steps.split(","))]
+        settings += [("ddim", n, 1.0, 1) for n in (int(v) for v in args.steps.split(","))]
+    default = pipe.config.sampling
+    intervals = [int(v) for v in args.cache_intervals.split(",") if v]
+    for n in (int(v) for v in args.cache_steps.split(",")) if intervals else ():
+        settings += [(default.sampler, n, default.eta, k) for k in [1, *intervals] if (default.sampler, n, default.eta, k) not in settings]
     ref_images, ref_seconds = draw(*REFERENCE, 0.0)
     rows = [{"setting": f"{REFERENCE[0]} {REFERENCE[1]} (reference)", "sampler": REFERENCE[0], "steps": REFERENCE[1],
              "eta": 0.0, "seconds": ref_seconds, **scorer(ref_images, None)}]
     sheet_columns = [ref_images]
     log(_fmt_row(rows[0], guidance, len(ref_images)))
-    for sampler, steps, eta in settings:
-        images, seconds = draw(sampler, steps, eta)
-        name = f"{sampler}{f' eta {eta:g}' if sampler == 'ddim' else ''} {steps}"
+    for sampler, steps, eta, cache in settings:
+        images, seconds = draw(sampler, steps, eta, cache)
+        name = f"{sampler}{f' eta {eta:g}' if sampler == 'ddim' else ''} {steps}{f' cache {cache}' if cache > 1 else ''}"
         rows.append({"setting": name, "sampler": sampler, "steps": steps, "eta": eta if sampler == "ddim" else None,
-                     "seconds": seconds, **scorer(images, ref_images)})
+                     "cache_interval": cache, "seconds": seconds, **scorer(images, ref_images)})
         sheet_columns.append(images)
         log(_fmt_row(rows[-1], guidance, len(images)))
 
     ref = rows[0]
-    ok = [r for r in rows[1:] if abs(r["texture_ratio"] - 1) <= args.texture_tolerance and r["miou"] >= ref["miou"] - args.miou_tolerance]
+    ok = [r for r in rows[1:] if abs(r["texture_ratio"] - 1) <= args.texture_tolerance and r["miou"] >= ref["miou"] - args.miou_tolerance
+          and r["cache_interval"] == 1]
     choice = min(ok, key=lambda r: (r["steps"], r["seconds"])) if ok else None
     print("\n" + _table(rows, guidance, len(ref_images)))
     tol = f"texture within {args.texture_tolerance:.0%} of the real images', mIoU at most {args.miou_tolerance} below the reference's"
-    print(f"\ncheapest setting with {tol}: {choice['setting'] if choice else 'none'}")
+    print(f"\ncheapest uncached setting with {tol}: {choice['setting'] if choice else 'none'}")
+    cached = [r for r in rows[1:] if r["cache_interval"] > 1]
+    if cached:
+        print("\nfeature cache against the same setting uncached (speed-up in wall time; quality deltas):")
+        print(f"{'setting':<30}{'speed-up':>9}{'d texture':>10}{'d spec dB':>10}{'d mIoU':>8}{'d seg-FD':>9}")
+        for r in cached:
+            base = next(b for b in rows[1:] if b["cache_interval"] == 1 and (b["sampler"], b["steps"], b["eta"]) == (r["sampler"], r["steps"], r["eta"]))
+            print(f"{r['setting']:<30}{base['seconds'] / r['seconds']:>8.2f}x{r['texture'] - base['texture']:>+10.2f}"
+                  f"{r['spectrum_db'] - base['spectrum_db']:>+10.2f}{r['miou'] - base['miou']:>+8.4f}{r['segmenter_fd'] - base['segmenter_fd']:>+9.4f}")
     storage.write_bytes(storage.join(args.out, "results.json"), json.dumps(
         {"settings": vars(args), "guidance": guidance, "noise_left": diagnosis, "switched_ddim": switched, "rows": rows, "choice": choice and choice["setting"]}, indent=1).encode())
     sheet_rows = [(maps[i]["label"], maps[i]["image"], np.stack([c[i * args.k] for c in sheet_columns])) for i in range(min(8, len(maps)))]
@@ -216,17 +234,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _nfe(r: dict, guidance: float) -> int:
-    """Network evaluations per image: one per step, two with guidance (one batched pass holds both)."""
-    return r["steps"] * (1 if guidance == 1.0 else 2)
+    """Whole-network evaluations per image: one per step (every k-th with the feature cache), two with guidance
+    (one batched pass holds both)."""
+    return -(-r["steps"] // r.get("cache_interval", 1)) * (1 if guidance == 1.0 else 2)
 
 
-HEADER = (f"{'setting':<26}{'NFE/img':>8}{'ms/img':>8}{'texture':>9}{'tex/real':>9}{'spec dB':>8}{'HF x':>7}"
+HEADER = (f"{'setting':<30}{'NFE/img':>8}{'ms/img':>8}{'texture':>9}{'tex/real':>9}{'spec dB':>8}{'HF x':>7}"
           f"{'vs ref dB':>10}{'mIoU':>8}{'seg-FD':>8}{'diversity':>10}")
 
 
 def _fmt_row(r: dict, guidance: float, n: int) -> str:
     vs_ref = f"{r['spectrum_db_vs_ref']:>10.2f}" if "spectrum_db_vs_ref" in r else f"{'-':>10}"
-    return (f"{r['setting']:<26}{_nfe(r, guidance):>8}{1000 * r['seconds'] / n:>8.1f}{r['texture']:>9.2f}{r['texture_ratio']:>9.2f}"
+    return (f"{r['setting']:<30}{_nfe(r, guidance):>8}{1000 * r['seconds'] / n:>8.1f}{r['texture']:>9.2f}{r['texture_ratio']:>9.2f}"
             f"{r['spectrum_db']:>8.2f}{r['hf_ratio']:>7.2f}{vs_ref}{r['miou']:>8.4f}{r['segmenter_fd']:>8.4f}{r['diversity']:>10.4f}")
 
 
