@@ -70,3 +70,15 @@ def test_mixed_precision_training_on_cuda_fits_a_batch(tiny_cfg, precision):
     assert all(p.dtype == torch.float32 for p in net.parameters())  # fp32 master weights under autocast
     assert skipped <= 2
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_the_fast_path_on_cuda_is_as_close_to_fp32_as_eager_bf16(random_tiny_net, tiny_cfg, compile):
+    """channels_last, bf16-held weights, the label cache and (compiled) CUDA graphs against the eager fp32 network."""
+    fp32 = SDMPipeline(random_tiny_net, tiny_cfg, device="cuda", precision="fp32", fast=False)(_labels(), num_steps=5, seed=3)
+    eager = SDMPipeline(random_tiny_net, tiny_cfg, device="cuda", precision="bf16", fast=False)(_labels(), num_steps=5, seed=3)
+    pipe = SDMPipeline(random_tiny_net, tiny_cfg, device="cuda", precision="bf16", micro_batch=4, compile=compile)
+    pipe.warm_up()
+    fast = pipe(_labels(), num_steps=5, seed=3)
+    assert np.array_equal(pipe(_labels(), num_steps=5, seed=3), fast)  # CUDA graphs replay the same numbers
+    assert _pixel_gap(fast, fp32)[0] < 1.5 * max(_pixel_gap(eager, fp32)[0], 0.5)
