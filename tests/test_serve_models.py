@@ -155,9 +155,10 @@ def test_a_replica_evicts_the_least_recently_used_model_and_reloads_it_when_aske
             v if (v := {m: g for (_, m), g in _gauges(cluster, "sdm_model_loaded", "lru").items()}).get("c") == 0 else None))
         assert loaded == {"a": 1, "b": 1, "c": 0}
         (replica,) = {r for r, _ in _gauges(cluster, "sdm_model_loaded", "lru")}
-        text = report("lru")  # the operator's view: `python -m serve.status`
+        # the operator's view (`python -m serve.status`): images drawn on this replica, evictions or not, once the
+        # replica's periodic metrics report has carried the last request's count
+        text = _wait_for("the images-drawn counts", lambda: (t if f"    {replica}: a (2), b (2)" in (t := report("lru")) else None))
         assert "application lru: RUNNING" in text and "deployment SDMModel: HEALTHY, 1 RUNNING" in text, text
-        assert f"    {replica}: a (2), b (2)" in text, text  # images drawn on this replica, evictions or not
         cli = subprocess.run([sys.executable, "-m", "serve.status", "--address", ray.get_runtime_context().gcs_address,
                               "--app", "lru"], capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert cli.returncode == 0 and f"{replica}: a (2), b (2)" in cli.stdout, cli.stdout + cli.stderr
