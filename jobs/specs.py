@@ -47,6 +47,7 @@ class TrainSpec:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     precision: str = "auto"
+    channels_last: bool = True  # model weights and input batches in torch.channels_last
     activation_checkpointing: bool = False
     checkpoint_every: int = 500
     keep: int = 3

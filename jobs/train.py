@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> TrainSpec:
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="hold the weights and input batches in channels_last (default on: faster convolutions)")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")

@@ -45,7 +45,7 @@ def diffusion_loss(
     b = x0.shape[0]
     t = torch.randint(0, diffusion.num_timesteps, (b,), generator=generator).to(x0.device)
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-    xt = diffusion.q_sample(x0, t, noise)
+    xt = diffusion.q_sample(x0, t, noise).contiguous(memory_format=memory_format_of(x0))
     with torch.autocast(x0.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         out = net(xt, diffusion.model_timesteps(t), label)
     terms = diffusion.training_losses(out.float(), x0, xt, t, noise, lambda_vlb)
@@ -53,10 +53,43 @@ def diffusion_loss(
     return terms
 
 
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """torch.channels_last for an image batch held in channels_last, else torch.contiguous_format."""
+    cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+def to_memory_format(x0: torch.Tensor, label: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch (x0, label input) in the memory format the network's weights are held in (channels_last: oneDNN and
+    cuDNN convolve NHWC faster, and convolutions pass the format on to their outputs)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return x0.contiguous(memory_format=fmt), label.contiguous(memory_format=fmt)
+
+
+def weights_layout(net: torch.nn.Module) -> str:
+    """'channels_last' or 'contiguous': the memory format the convolution weights are held in (those whose layout
+    tells, i.e. with a kernel larger than 1x1), or 'mixed'."""
+    weights = [m.weight for m in net.modules() if isinstance(m, nn.Conv2d) and m.weight.shape[-2:] != (1, 1)]
+    layouts = {"contiguous" if w.is_contiguous() else memory_format_name(memory_format_of(w)) for w in weights}
+    return layouts.pop() if len(layouts) == 1 else "mixed"
+
+
+def memory_format_name(fmt: torch.memory_format) -> str:
+    return "channels_last" if fmt == torch.channels_last else "contiguous"
+
+
 def loss_by_quarter(loss: torch.Tensor, t: torch.Tensor, num_timesteps: int) -> dict[str, float]:
     """Mean loss per quarter of the timestep range (q0 = least noise), for the quarters present."""
     q = (t * 4 // num_timesteps).clamp(max=3)
     return {f"loss_q{i}": loss[q == i].mean().item() for i in range(4) if (q == i).any()}
+
+
+def make_optimizer(net: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW, fused into one kernel per step where PyTorch has one for the parameters' device (CPU, CUDA): CPU
+    tensors otherwise get the per-tensor loop, measured at 25 ms a step on the tiny preset against 11 ms fused (one
+    thread), a fixed cost that each data-parallel worker pays every step. The same update up to rounding."""
+    fused = {p.device.type for p in net.parameters()} <= {"cpu", "cuda"}
+    return torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
 def make_ema(net: nn.Module, decay: float) -> AveragedModel:
@@ -142,7 +175,7 @@ def train_local(
     net = net if net is not None else SDMUNet(config.model)
     net.train()
     diffusion = GaussianDiffusion.from_config(config.diffusion, config.model.learn_sigma)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr or config.train.lr, weight_decay=config.train.weight_decay)
+    opt = make_optimizer(net, lr or config.train.lr, config.train.weight_decay)
     ema = make_ema(net, config.train.ema_decay)
     gen = torch.Generator().manual_seed(seed)
     history = []

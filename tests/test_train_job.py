@@ -74,6 +74,8 @@ def test_pretrain_two_workers_learns_exports_and_splits_data(cluster, toy_data, 
                     "--checkpoint-every", "15", "--audit-keys", "--set", "train.lr=2e-3"))
     text = out.stdout + out.stderr
     assert "global batch 16 = 2 workers x 8 per worker x 1 accumulation" in text
+    # channels_last by default: read off the DDP-wrapped model's convolution weights inside the worker
+    assert "2 worker(s) x 1 torch thread(s), fp32, channels_last weights" in text
     losses = _losses(text)  # forwarded worker lines: the last may miss the driver's exit
     assert len(losses) >= 5 and np.mean(losses[-2:]) < 0.7 * np.mean(losses[:2])
     # the two workers read disjoint samples within each epoch
@@ -94,7 +96,9 @@ def test_finetune_drops_labels_at_the_configured_rate(cluster, toy_data, tmp_pat
     _run(_job(cluster, "--data", toy_data, "--run", pre, "--steps", "4", "--checkpoint-every", "4"))
     ft = str(tmp_path / "ft")
     out = _run(_job(cluster, "--data", toy_data, "--run", ft, "--stage", "finetune", "--init-from", pre,
-                    "--steps", "40", "--log-every", "40", "--checkpoint-every", "40", "--drop-rate", "0.25"))
+                    "--steps", "40", "--log-every", "40", "--checkpoint-every", "40", "--drop-rate", "0.25",
+                    "--no-channels-last"))
+    assert "2 worker(s) x 1 torch thread(s), fp32, contiguous weights" in out.stdout + out.stderr
     fraction = float(re.search(r"labels dropped ([0-9.]+)", out.stdout + out.stderr).group(1))
     # rank 0 saw 320 labels (binomial standard deviation 0.024); the draws are seeded, so this is reproducible
     assert abs(fraction - 0.25) < 0.06
