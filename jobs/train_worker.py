@@ -6,15 +6,15 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-import numpy as np
 import ray.train
 import ray.train.torch
 import torch
 
 from jobs.specs import TrainSpec
+from jobs.train_data import TrainBatch
 from sdm import storage
 from sdm.checkpoint import (
     EMA_FILE,
@@ -37,7 +37,7 @@ from sdm.errors import CheckpointError, StorageError
 from sdm.labels import encode_raw_labels
 from sdm.sampling import derive_seed
 
-from sdm.training import StepResult, make_ema, train_step
+from sdm.training import StepResult, make_ema, make_optimizer, to_memory_format, train_step, weights_layout
 from sdm.unet import SDMUNet
 
 CHECKPOINT_PREFIX = "checkpoint_"
@@ -95,38 +95,60 @@ def _init_weights(net: SDMUNet, ema: torch.nn.Module, uri: str) -> None:
     ema.load_state_dict(load_weights(ckpt, EMA_FILE))
 
 
-def _collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Numeric columns to tensors; the string keys stay as they are."""
-    return {k: torch.from_numpy(v) if v.dtype.kind in "biuf" else v for k, v in batch.items()}
-
-
-def _batches(shard: Any, a: TrainSpec, batch_size: int, epoch: int, rank: int, skip: int) -> Iterator[dict[str, Any]]:
-    """This worker's micro-batches for one epoch, reshuffled per epoch, after skipping those already trained on."""
+def _batches(shard: Any, a: TrainSpec, collate: TrainBatch, batch_size: int, epoch: int, rank: int, skip: int,
+             clock: WaitClock) -> Iterator[dict[str, Any]]:
+    """This worker's micro-batches for one epoch, reshuffled per epoch, after skipping those already trained on;
+    decoded and augmented here, on the iterator's prefetch thread (jobs.train_data.TrainBatch)."""
     it = shard.iter_torch_batches(
         batch_size=batch_size,
         local_shuffle_buffer_size=a.shuffle_buffer or None,
         local_shuffle_seed=derive_seed(a.seed, epoch, rank) % 2**31,
         drop_last=True,
-        collate_fn=_collate,
+        collate_fn=collate,
     )
-    for i, batch in enumerate(it):
+    for i, batch in enumerate(clock.wrap(it)):
         if i >= skip:
             yield batch
 
 
-def _to_inputs(batch: dict[str, torch.Tensor], cfg: SDMConfig, device: torch.device, has_instance: bool) -> tuple[torch.Tensor, torch.Tensor]:
+class WaitClock:
+    """Seconds spent waiting for the next batch, since the last reset: the input pipeline's share of a step."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def wrap(self, iterable: Iterable[Any]) -> Iterator[Any]:
+        it = iter(iterable)
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            finally:
+                self.seconds += time.perf_counter() - start
+            yield item
+
+    def take(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
+def _to_inputs(batch: dict[str, torch.Tensor], cfg: SDMConfig, device: torch.device, has_instance: bool,
+               channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
     x0 = batch["image"].to(device, torch.float32)
     inst = batch["instance"].to(device) if has_instance else None
-    return x0, encode_raw_labels(batch["label"].to(device), inst, cfg)
+    return to_memory_format(x0, encode_raw_labels(batch["label"].to(device), inst, cfg), channels_last)
 
 
-def _log_line(step: int, total: int, r: StepResult, lr: float, ips: float, elapsed: float, done_before: int, dropped: float | None) -> str:
+def _log_line(step: int, total: int, r: StepResult, lr: float, ips: float, waiting: float, elapsed: float, done_before: int,
+              dropped: float | None) -> str:
     rate = (step - done_before) / max(elapsed, 1e-9)
     eta = (total - step) / rate if rate > 0 else float("inf")
     quarters = " ".join(f"{k[-2:]}={v:.3f}" for k, v in sorted(r.quarters.items()))
     return (
         f"step {step}/{total} loss {r.loss:.4f} mse {r.mse:.4f} vb {r.vb:.4f} [{quarters}] "
-        f"grad {r.grad_norm:.2f} lr {lr:.2e} {ips:.1f} img/s eta {eta:.0f}s"
+        f"grad {r.grad_norm:.2f} lr {lr:.2e} {ips:.1f} img/s ({100 * waiting:.0f}% waiting for data) eta {eta:.0f}s"
         + (f" labels dropped {dropped:.3f}" if dropped is not None else "")
     )
 
@@ -150,6 +172,8 @@ def train_worker(c: dict[str, Any]) -> None:
     torch.manual_seed(derive_seed(a.seed, "init"))
 
     net = SDMUNet(cfg.model)
+    if a.channels_last:  # before the EMA copy, so both hold the same layout (the EMA update is one fused lerp)
+        net = net.to(memory_format=torch.channels_last)
     ema = make_ema(net, cfg.train.ema_decay)
     finetune = a.stage == "finetune"
     lr = a.lr or (cfg.train.finetune_lr if finetune else cfg.train.lr)
@@ -157,7 +181,7 @@ def train_worker(c: dict[str, Any]) -> None:
     autocast_dtype, scaler = training_precision(device, a.precision)
 
     progress = Progress(stage=a.stage)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=cfg.train.weight_decay)
+    opt = make_optimizer(net, lr, cfg.train.weight_decay)
     resumed = _resume(a.run, net, ema, opt, scaler)
     if resumed is not None:
         progress, path = resumed
@@ -167,10 +191,14 @@ def train_worker(c: dict[str, Any]) -> None:
         _init_weights(net, ema, a.init_from)
     ema.to(device)
     model = ray.train.torch.prepare_model(net)
+    if rank == 0:
+        dtype = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + grad scaler"}[autocast_dtype]
+        print(f"{world} worker(s) x {torch.get_num_threads()} torch thread(s), {dtype}, {weights_layout(model)} weights", flush=True)
     diffusion = GaussianDiffusion.from_config(cfg.diffusion, cfg.model.learn_sigma)
     shard = ray.train.get_dataset_shard("train")
     total, accum = a.steps, a.grad_accum
     gen = torch.Generator()
+    collate, clock = TrainBatch(cfg, c["has_instance"]), WaitClock()
     bad_in_row, kept, seen = 0, 0, 0
     start, done_before = time.perf_counter(), progress.step
     window_start, window_images = time.perf_counter(), 0
@@ -178,8 +206,8 @@ def train_worker(c: dict[str, Any]) -> None:
     while progress.step < total:
         micro: list[tuple[torch.Tensor, torch.Tensor]] = []
         keys_seen: list[str] = []
-        for batch in _batches(shard, a, c["batch_size"], progress.epoch, rank, progress.batches_in_epoch):
-            micro.append(_to_inputs(batch, cfg, device, c["has_instance"]))
+        for batch in _batches(shard, a, collate, c["batch_size"], progress.epoch, rank, progress.batches_in_epoch, clock):
+            micro.append(_to_inputs(batch, cfg, device, c["has_instance"], a.channels_last))
             if a.audit_keys:
                 keys_seen.extend(str(k) for k in batch["key"])
             if len(micro) < accum:
@@ -205,16 +233,18 @@ def train_worker(c: dict[str, Any]) -> None:
             window_images += r.images * world
             last = progress.step == total
             if progress.step % a.log_every == 0 or last:
-                ips = window_images / (time.perf_counter() - window_start)
+                window = time.perf_counter() - window_start
+                ips, waiting = window_images / window, clock.take() / window
                 window_start, window_images = time.perf_counter(), 0
                 metrics = {
                     "step": progress.step, "epoch": progress.epoch, "loss": r.loss, "mse": r.mse, "vb": r.vb,
-                    "grad_norm": r.grad_norm, "lr": lr, "images_per_s": ips,
+                    "grad_norm": r.grad_norm, "lr": lr, "images_per_s": ips, "data_wait_fraction": waiting,
                     "label_drop_fraction": 1 - kept / max(seen, 1), **r.quarters,
                 }
                 if rank == 0:
                     dropped = metrics["label_drop_fraction"] if finetune else None
-                    print(_log_line(progress.step, total, r, lr, ips, time.perf_counter() - start, done_before, dropped), flush=True)
+                    print(_log_line(progress.step, total, r, lr, ips, waiting, time.perf_counter() - start, done_before, dropped),
+                          flush=True)
                 _report(metrics, progress, net, ema, opt, scaler, cfg, rank, save=progress.step % a.checkpoint_every == 0 or last, run_uri=a.run)
             elif progress.step % a.checkpoint_every == 0:
                 _report({"step": progress.step, "loss": r.loss}, progress, net, ema, opt, scaler, cfg, rank, save=True, run_uri=a.run)
