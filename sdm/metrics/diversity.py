@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Protocol
 
-import lpips
 import numpy as np
 import torch
 
@@ -28,6 +27,8 @@ class LpipsDistance:
     """lpips.LPIPS with the AlexNet trunk; its linear layers ship inside the lpips package."""
 
     def __init__(self, alexnet_state: dict[str, torch.Tensor] | None, metric_name: str, device: str = "cpu"):
+        import lpips  # here, not at the top: it imports torchvision (about 2 s), which most importers never use
+
         # pnet_rand builds the trunk without torchvision's download; real weights are loaded below.
         self.net = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False).to(device).eval()
         if alexnet_state is not None:

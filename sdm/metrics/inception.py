@@ -4,24 +4,34 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 from unittest import mock
 
 import numpy as np
 import torch
-from pytorch_fid import inception as fid_inception
-from torchvision.models.inception import Inception3
 
 from sdm.metrics.pretrained import FID_INCEPTION_FILE, file_sha256, find_weights, is_published, load_state
 
+if TYPE_CHECKING:
+    from pytorch_fid.inception import InceptionV3
 
-def _build(state: dict[str, torch.Tensor]) -> fid_inception.InceptionV3:
+
+# pytorch-fid and torchvision are imported where a network is built: importing them costs about 2 s (torchvision
+# pulls in torch._dynamo), paid otherwise by every process that imports this module without measuring anything,
+# such as each Ray worker of the generation job.
+def _build(state: dict[str, torch.Tensor]) -> InceptionV3:
     """pytorch-fid's network, with our state dict in place of its download."""
+    from pytorch_fid import inception as fid_inception
+
     with mock.patch.object(fid_inception, "load_state_dict_from_url", lambda *a, **k: state):
         return fid_inception.InceptionV3([fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
 
 
 def random_fid_inception_state(seed: int = 0) -> dict[str, torch.Tensor]:
     """A randomly initialised state dict of pytorch-fid's FID Inception, keyed like its weights file."""
+    from pytorch_fid import inception as fid_inception
+    from torchvision.models.inception import Inception3
+
     torch.manual_seed(seed)
     with mock.patch.object(fid_inception, "load_state_dict_from_url", lambda *a, **k: None), \
             mock.patch.object(Inception3, "load_state_dict", lambda *a, **k: None):
@@ -41,7 +51,7 @@ class InceptionFeatures:
         self.metric_name = metric_name
 
     @property
-    def net(self) -> fid_inception.InceptionV3:
+    def net(self) -> InceptionV3:
         if self._net is None:
             self._net = _build(self._load()).to(self.device)
         return self._net
