@@ -22,7 +22,7 @@ import numpy as np
 import ray
 import ray.data
 
-from jobs.ray_setup import actor_pool, init_ray, parse_concurrency
+from jobs.ray_setup import actor_pool, init_ray, parse_concurrency, read_parquet
 from sdm import storage
 from sdm.cli_eval import add_eval_arguments, run_eval
 from sdm.imageio import decode_ids, decode_image
@@ -75,7 +75,7 @@ def _rows(s: ImageSet) -> ray.data.Dataset:
     fs, _ = storage.resolve(s.uri)
     if s.card is not None:
         paths = [storage.resolve(storage.join(s.uri, sh.path))[1] for sh in s.card.shards if s.split is None or sh.split == s.split]
-        return ray.data.read_parquet(paths, filesystem=fs).select_columns(["key", "image", "label"])
+        return read_parquet(paths, fs, ["key", "image", "label"])
     paths = [storage.resolve(storage.join(s.image_dir, name))[1] for name in s.files]
     return ray.data.read_binary_files(paths, filesystem=fs, include_paths=True)
 

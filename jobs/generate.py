@@ -37,7 +37,7 @@ from sdm.config import SDMConfig
 from sdm.data.card import CARD_FILE, DatasetCard, ShardInfo, read_card
 from sdm.imageio import decode_ids, encode_png
 from sdm.inference import add_fast_path_args
-from jobs.ray_setup import actor_pool, init_ray, parse_concurrency
+from jobs.ray_setup import actor_pool, init_ray, parse_concurrency, read_parquet
 from jobs.specs import GenerateSpec, from_namespace
 from sdm.errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, EXIT_REJECTS, DatasetError, InvalidInputError, SDMError, StorageError
 from sdm.data.layouts import layout_key, new_layout, partner_key
@@ -385,7 +385,7 @@ def _source_rows(src: LabelSource, layouts: list[dict[str, Any]]) -> ray.data.Da
     if src.card is not None:
         shards = [s for s in src.card.shards if src.split is None or s.split == src.split]
         paths = [storage.resolve(storage.join(src.uri, s.path))[1] for s in shards]
-        rows = ray.data.read_parquet(paths, filesystem=fs).select_columns(["key", "split", "label", "instance"])
+        rows = read_parquet(paths, fs, ["key", "split", "label", "instance"])
     else:
         paths = [storage.resolve(storage.join(src.uri, name))[1] for name in src.files]
         rows = ray.data.read_binary_files(paths, filesystem=fs, include_paths=True).map(
@@ -401,7 +401,7 @@ def build_pipeline(plan: Plan, args: GenerateSpec, redraws: dict[str, int] | Non
     items = _source_rows(plan.source, plan.layouts).flat_map(
         _prepare, fn_kwargs={"config": plan.config, "samples": args.samples_per_label, "done": plan.done,
                              "redraws": redraws, "max_aspect_change": args.max_aspect_change}
-    ).repartition(target_num_rows_per_block=args.batch_size)  # one actor call per block: spreads work over the pool
+    ).repartition(target_num_rows_per_block=args.batch_size, strict=True)  # full blocks: one actor call each
     images = items.map_batches(
         SampleBatch, fn_constructor_kwargs={"model_uri": args.model, "settings": settings},
         batch_size=args.batch_size, batch_format="numpy", compute=actor_pool(args.concurrency),

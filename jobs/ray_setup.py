@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
+import pyarrow.fs
 import ray
 import ray.data
 
@@ -37,3 +38,15 @@ def actor_pool(concurrency: int | tuple[int, int]) -> ray.data.ActorPoolStrategy
     if isinstance(concurrency, tuple):
         return ray.data.ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1])
     return ray.data.ActorPoolStrategy(size=concurrency)
+
+
+def read_parquet(paths: list[str], filesystem: pyarrow.fs.FileSystem, columns: list[str] | None = None) -> ray.data.Dataset:
+    """Parquet shards through Ray Data's task-based reader. Its default (DataSource V2) reader starts a pool of
+    footer-reading actors for every read, each a new Python process: seconds of CPU on a small node, taken from the
+    sampling actor or the training workers while they start (bench/generate_throughput.py)."""
+    ctx = ray.data.DataContext.get_current()
+    v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False  # read at this call only: the plan keeps the reader
+    try:
+        return ray.data.read_parquet(paths, filesystem=filesystem, columns=columns)
+    finally:
+        ctx.use_datasource_v2 = v2

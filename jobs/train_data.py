@@ -16,6 +16,7 @@ import ray.data
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
+from jobs.ray_setup import read_parquet
 from sdm import storage
 from sdm.config import SDMConfig
 from sdm.data.card import DatasetCard
@@ -73,4 +74,4 @@ def make_train_dataset(uri: str, card: DatasetCard, cfg: SDMConfig, seed: int) -
     fs, _ = storage.resolve(uri)
     paths = [storage.resolve(storage.join(uri, s.path))[1] for s in card.shards if s.split == "train"]
     paths = [paths[i] for i in np.random.default_rng(seed).permutation(len(paths))]
-    return ray.data.read_parquet(paths, filesystem=fs)
+    return read_parquet(paths, fs)
