@@ -7,10 +7,15 @@ import os
 import shutil
 
 import pytest
+import ray.data
 
 from jobs.evaluate import main as job_main
+from jobs.ray_setup import read_parquet
 from ray_session import ray_session
+from sdm import storage
 from sdm.cli import main as cli_main
+from sdm.data.card import read_card
+from sdm.data.shards import iter_rows
 
 pytestmark = pytest.mark.ray
 
@@ -43,3 +48,23 @@ def test_ray_passes_match_the_in_process_ones(eval_sets, tmp_path, local_ray):
     assert a["diversity"]["value"] == pytest.approx(b["diversity"]["value"])
     for key in ("spectrum_db", "high_frequency_ratio", "texture_generated", "texture_real"):
         assert a["spectrum"][key] == pytest.approx(b["spectrum"][key], rel=1e-6)
+
+
+def test_shards_are_read_by_tasks_and_the_context_keeps_its_reader(eval_sets, local_ray):
+    """The jobs' Parquet reads go through Ray Data's task-based reader (no footer-reading actor processes per read)
+    for that read only, with the columns asked for and every row."""
+    data = eval_sets["data"]
+    fs, _ = storage.resolve(data)
+    paths = [storage.resolve(storage.join(data, s.path))[1] for s in read_card(data).shards]
+    ctx = ray.data.DataContext.get_current()
+    before, ctx.use_datasource_v2 = ctx.use_datasource_v2, True
+    try:
+        ds = read_parquet(paths, fs, ["key", "split"])
+        assert ctx.use_datasource_v2  # restored: the choice is this read's
+        rows = ds.take_all()
+    finally:
+        ctx.use_datasource_v2 = before
+    assert sorted(r["key"] for r in rows) == sorted(r["key"] for r in iter_rows(data))
+    assert {tuple(sorted(r)) for r in rows} == {("key", "split")}
+    stats = ds.stats()
+    assert "ReadParquet" in stats and "ReadFilesParquetV2" not in stats
