@@ -39,7 +39,6 @@ import hashlib
 import logging
 import multiprocessing
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -52,6 +51,7 @@ import ray
 import ray.data
 import torch
 
+from flops import cpu_model
 from jobs import generate
 from jobs.specs import GenerateSpec
 from sdm import checkpoint, storage
@@ -75,17 +75,6 @@ class GenSet:
     size: int = 0
     consistency: float = float("nan")  # mean over its pairs
     seconds: float = 0.0
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def write_dataset(dst: str, like: DatasetCard, rows: list[dict], name: str, extra: dict) -> None:

@@ -16,6 +16,8 @@ use it, as the network's fp32 convolutions then do).
 from __future__ import annotations
 
 import math
+import os
+import platform
 import time
 from collections.abc import Callable
 from typing import Any
@@ -49,6 +51,26 @@ def synchronize(device: torch.device) -> None:
 
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what the platform module knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line() -> str:
+    """The CPU model, its cores and matrix instructions, torch's version and the load average, for a bench's output."""
+    probes = {"AMX": "_is_amx_tile_supported", "AVX512-BF16": "_is_avx512_bf16_supported"}
+    isa = [name for name, probe in probes.items() if getattr(torch.cpu, probe, lambda: False)()]
+    return (f"machine: {cpu_model()}, {os.cpu_count()} cores ({', '.join(isa) or 'no bf16 matrix instructions'}); "
+            f"torch {torch.__version__}; load average {os.getloadavg()[0]:.1f}")
 
 
 def precision_name(dtype: torch.dtype | None) -> str:

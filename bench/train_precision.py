@@ -27,12 +27,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
 import time
 
 import torch
 
-from flops import Peaks, count_flops, device_name, speed_columns, synchronize
+from flops import Peaks, count_flops, device_name, machine_line, speed_columns, synchronize
 from sample_speed import scaled_model
 from sdm.config import SDMConfig, get_preset
 from sdm.device import training_precision
@@ -40,20 +39,6 @@ from sdm.diffusion import GaussianDiffusion
 from sdm.testing import blocky_batches
 from sdm.training import make_optimizer, to_memory_format, train_step
 from sdm.unet import SDMUNet, count_parameters
-
-
-def machine_line() -> str:
-    """The CPU model, its cores and matrix instructions, torch's version and the load average, for a bench's output."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    probes = {"AMX": "_is_amx_tile_supported", "AVX512-BF16": "_is_avx512_bf16_supported"}
-    isa = [name for name, probe in probes.items() if getattr(torch.cpu, probe, lambda: False)()]
-    return (f"machine: {model}, {os.cpu_count()} cores ({', '.join(isa) or 'no bf16 matrix instructions'}); "
-            f"torch {torch.__version__}; load average {os.getloadavg()[0]:.1f}")
 
 
 PRECISIONS = {"fp32": "fp32", "bf16": "bf16", "fp16+scaler": "fp16"}  # name -> the training precision policy's name

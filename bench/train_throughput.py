@@ -27,8 +27,7 @@ import ray
 import torch
 
 from jobs import train
-from flops import Peaks, count_flops, matmul_peak, precision_name, speed_columns
-from train_precision import machine_line
+from flops import Peaks, count_flops, machine_line, matmul_peak, precision_name, speed_columns
 from sdm.config import get_preset
 from sdm.data.preprocess import preprocess_train
 from sdm.data.shards import iter_samples
