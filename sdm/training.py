@@ -70,12 +70,8 @@ def weights_layout(net: torch.nn.Module) -> str:
     """'channels_last' or 'contiguous': the memory format the convolution weights are held in (those whose layout
     tells, i.e. with a kernel larger than 1x1), or 'mixed'."""
     weights = [m.weight for m in net.modules() if isinstance(m, nn.Conv2d) and m.weight.shape[-2:] != (1, 1)]
-    layouts = {"contiguous" if w.is_contiguous() else memory_format_name(memory_format_of(w)) for w in weights}
+    layouts = {"channels_last" if memory_format_of(w) == torch.channels_last else "contiguous" for w in weights}
     return layouts.pop() if len(layouts) == 1 else "mixed"
-
-
-def memory_format_name(fmt: torch.memory_format) -> str:
-    return "channels_last" if fmt == torch.channels_last else "contiguous"
 
 
 def loss_by_quarter(loss: torch.Tensor, t: torch.Tensor, num_timesteps: int) -> dict[str, float]:

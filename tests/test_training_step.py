@@ -59,7 +59,7 @@ def test_channels_last_trains_to_the_same_losses_as_contiguous(tiny_cfg, one_thr
     assert weights_layout(net_a) == "contiguous" and weights_layout(net_b) == "channels_last"
 
 
-def test_a_channels_last_batch_keeps_its_layout_through_the_noising():
+def test_memory_format_of_tells_a_channels_last_image_batch_from_the_others():
     x0 = torch.rand(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
     assert memory_format_of(x0) == torch.channels_last
     assert memory_format_of(x0.contiguous()) == torch.contiguous_format
