@@ -22,11 +22,11 @@ import numpy as np
 import ray
 import ray.data
 
-from jobs.ray_setup import actor_pool, init_ray, parse_concurrency, read_parquet
+from jobs.ray_setup import actor_pool, init_ray, integrity_failure, parse_concurrency, read_shards
 from sdm import storage
 from sdm.cli_eval import add_eval_arguments, run_eval
 from sdm.imageio import decode_ids, decode_image
-from sdm.errors import EXIT_REFUSED, SDMError
+from sdm.errors import EXIT_FAILED, EXIT_REFUSED, SDMError, ShardIntegrityError
 from sdm.metrics.image_sets import ImageSet, resize_item
 from sdm.metrics.scoring import Partial, ScoreSpec, SetScorer, merge
 
@@ -72,10 +72,9 @@ class ScoreBatch:
 
 
 def _rows(s: ImageSet) -> ray.data.Dataset:
+    if s.card is not None:  # each shard checked against the card as it is read
+        return read_shards(s.uri, [sh for sh in s.card.shards if s.split is None or sh.split == s.split], ["key", "image", "label"])
     fs, _ = storage.resolve(s.uri)
-    if s.card is not None:
-        paths = [storage.resolve(storage.join(s.uri, sh.path))[1] for sh in s.card.shards if s.split is None or sh.split == s.split]
-        return read_parquet(paths, fs, ["key", "image", "label"])
     paths = [storage.resolve(storage.join(s.image_dir, name))[1] for name in s.files]
     return ray.data.read_binary_files(paths, filesystem=fs, include_paths=True)
 
@@ -107,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         init_ray(args.address)
     try:
         return run_eval(args, ray_score_set(args))
+    except ShardIntegrityError as e:  # found while scoring: the work started and stops, naming the shard and card
+        print(f"error: {integrity_failure(e)}", file=sys.stderr)
+        return EXIT_FAILED
     except SDMError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_REFUSED

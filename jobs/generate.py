@@ -37,7 +37,7 @@ from sdm.config import SDMConfig
 from sdm.data.card import CARD_FILE, DatasetCard, ShardInfo, read_card
 from sdm.imageio import decode_ids, encode_png
 from sdm.inference import add_fast_path_args
-from jobs.ray_setup import actor_pool, init_ray, parse_concurrency, read_parquet
+from jobs.ray_setup import actor_pool, init_ray, parse_concurrency, read_shards
 from jobs.specs import GenerateSpec, from_namespace
 from sdm.errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, EXIT_REJECTS, DatasetError, InvalidInputError, SDMError, StorageError
 from sdm.data.layouts import layout_key, new_layout, partner_key
@@ -294,6 +294,8 @@ def _prepare(row: dict[str, Any], config: SDMConfig, samples: int, done: set[str
         todo = [(k, redraws[output_key(key, k)]) for k in range(samples) if output_key(key, k) in redraws]
     if not todo:
         return []
+    if row.get("reject"):  # a source shard that failed its card's checksum: its label maps were not read
+        return [{"source_key": key, "k": -1, "attempt": 0, "split": split, "label": b"", "instance": b"", "reject": row["reject"]}]
     try:
         item = load_item(key, row["label"], row["instance"], config, max_aspect_change)
     except (InvalidInputError, DatasetError) as e:
@@ -381,17 +383,18 @@ def _write(batch: dict[str, np.ndarray], out_uri: str, settings: dict[str, Any])
 
 
 def _source_rows(src: LabelSource, layouts: list[dict[str, Any]]) -> ray.data.Dataset:
-    fs, _ = storage.resolve(src.uri)
-    if src.card is not None:
+    if src.card is not None:  # a shard that fails its card's checksum arrives as one row with the reason
         shards = [s for s in src.card.shards if src.split is None or s.split == src.split]
-        paths = [storage.resolve(storage.join(src.uri, s.path))[1] for s in shards]
-        rows = read_parquet(paths, fs, ["key", "split", "label", "instance"])
+        rows = read_shards(src.uri, shards, ["key", "split", "label", "instance"], reject_column="reject")
     else:
+        fs, _ = storage.resolve(src.uri)
         paths = [storage.resolve(storage.join(src.uri, name))[1] for name in src.files]
         rows = ray.data.read_binary_files(paths, filesystem=fs, include_paths=True).map(
             _folder_row, fn_kwargs={"instances_uri": src.instances_uri, "instance_files": src.instance_files}
         )
-    return rows.union(ray.data.from_items(layouts)) if layouts else rows
+    if not layouts:
+        return rows
+    return rows.union(ray.data.from_items([{**r, "reject": ""} for r in layouts] if src.card is not None else layouts))
 
 
 def build_pipeline(plan: Plan, args: GenerateSpec, redraws: dict[str, int] | None = None) -> ray.data.Dataset:

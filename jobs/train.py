@@ -20,7 +20,7 @@ import ray.train.torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from jobs.ray_setup import init_ray
+from jobs.ray_setup import init_ray, integrity_failure
 from jobs.specs import TrainSpec, from_namespace
 from jobs.train_data import check_dataset_fits, make_train_dataset
 from jobs.train_worker import latest_checkpoint_dir, train_worker
@@ -192,7 +192,7 @@ def run(args: TrainSpec) -> int:
     try:
         result = fit(args, cfg, card)
     except Exception as e:  # Ray Train's own error types; the workers' tracebacks were printed already
-        print(f"error: training failed: {e}", file=sys.stderr)
+        print(f"error: training failed: {integrity_failure(e) or e}", file=sys.stderr)
         return EXIT_FAILED
     metrics = result.metrics or {}
     print(

@@ -16,8 +16,7 @@ import ray.data
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from jobs.ray_setup import read_parquet
-from sdm import storage
+from jobs.ray_setup import read_shards
 from sdm.config import SDMConfig
 from sdm.data.card import DatasetCard
 from sdm.data.preprocess import preprocess_train
@@ -70,8 +69,7 @@ class TrainBatch(NumpyBatchCollateFn):
 
 
 def make_train_dataset(uri: str, card: DatasetCard, cfg: SDMConfig, seed: int) -> ray.data.Dataset:
-    """The train split's shards, read streaming in a seeded random order."""
-    fs, _ = storage.resolve(uri)
-    paths = [storage.resolve(storage.join(uri, s.path))[1] for s in card.shards if s.split == "train"]
-    paths = [paths[i] for i in np.random.default_rng(seed).permutation(len(paths))]
-    return read_parquet(paths, fs)
+    """The train split's shards, read streaming in a seeded random order, each checked against the card as it is
+    read: a shard that fails stops training with ShardIntegrityError naming it."""
+    shards = [s for s in card.shards if s.split == "train"]
+    return read_shards(uri, [shards[i] for i in np.random.default_rng(seed).permutation(len(shards))])

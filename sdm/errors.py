@@ -31,6 +31,11 @@ class DatasetError(SDMError):
     """A dataset on the store is malformed: card, shard, checksum or sample."""
 
 
+class ShardIntegrityError(DatasetError):
+    """A shard's bytes are not the ones its dataset card lists (size or sha256): replaced by another shard, left
+    over from an older version, partly synced or damaged. The message names the shard and the card."""
+
+
 class MissingWeightsError(SDMError):
     """Pretrained weights a metric needs (Inception for FID, AlexNet for LPIPS) are absent and cannot be
     downloaded; the message says which file to put where."""

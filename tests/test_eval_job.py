@@ -7,12 +7,10 @@ import os
 import shutil
 
 import pytest
-import ray.data
 
 from jobs.evaluate import main as job_main
-from jobs.ray_setup import read_parquet
+from jobs.ray_setup import read_shards
 from ray_session import ray_session
-from sdm import storage
 from sdm.cli import main as cli_main
 from sdm.data.card import read_card
 from sdm.data.shards import iter_rows
@@ -50,21 +48,14 @@ def test_ray_passes_match_the_in_process_ones(eval_sets, tmp_path, local_ray):
         assert a["spectrum"][key] == pytest.approx(b["spectrum"][key], rel=1e-6)
 
 
-def test_shards_are_read_by_tasks_and_the_context_keeps_its_reader(eval_sets, local_ray):
-    """The jobs' Parquet reads go through Ray Data's task-based reader (no footer-reading actor processes per read)
-    for that read only, with the columns asked for and every row."""
+def test_shards_are_read_by_tasks_with_the_columns_asked_for(eval_sets, local_ray):
+    """The jobs' shard reads are Ray Data read tasks, one per shard (no footer-reading actor processes per read),
+    with the columns asked for and every row."""
     data = eval_sets["data"]
-    fs, _ = storage.resolve(data)
-    paths = [storage.resolve(storage.join(data, s.path))[1] for s in read_card(data).shards]
-    ctx = ray.data.DataContext.get_current()
-    before, ctx.use_datasource_v2 = ctx.use_datasource_v2, True
-    try:
-        ds = read_parquet(paths, fs, ["key", "split"])
-        assert ctx.use_datasource_v2  # restored: the choice is this read's
-        rows = ds.take_all()
-    finally:
-        ctx.use_datasource_v2 = before
+    card = read_card(data)
+    ds = read_shards(data, card.shards, ["key", "split"])
+    rows = ds.take_all()
     assert sorted(r["key"] for r in rows) == sorted(r["key"] for r in iter_rows(data))
     assert {tuple(sorted(r)) for r in rows} == {("key", "split")}
     stats = ds.stats()
-    assert "ReadParquet" in stats and "ReadFilesParquetV2" not in stats
+    assert "ReadCardShards" in stats and "ReadFilesParquetV2" not in stats and "ReadParquet" not in stats

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sdm import storage
-from sdm.data.card import DatasetCard, ShardInfo, read_card
-from sdm.errors import DatasetError, StorageError
+from sdm.data.card import CARD_FILE, DatasetCard, ShardInfo, read_card
+from sdm.errors import DatasetError, ShardIntegrityError, StorageError
 from sdm.imageio import decode_ids, decode_image
 
 SHARD_DIR = "shards"
@@ -89,16 +89,27 @@ class ShardWriter:
         return self.shards
 
 
-def read_shard_table(root_uri: str, shard: ShardInfo, verify: bool = True) -> pa.Table:
-    """One shard as an Arrow table, checked against the card's checksum."""
+def verify_shard(data: bytes, shard: ShardInfo, root_uri: str) -> None:
+    """Raise ShardIntegrityError unless `data` is the shard the card lists: its size, then its sha256."""
+    where = f"shard {shard.path} of {root_uri} fails its checksum against the card {storage.join(root_uri, CARD_FILE)}"
+    if len(data) != shard.bytes:
+        raise ShardIntegrityError(f"{where}: {len(data)} bytes where the card lists {shard.bytes} (replaced, partly synced or damaged)")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != shard.sha256:
+        raise ShardIntegrityError(f"{where}: sha256 {digest[:12]}... where the card lists {shard.sha256[:12]}... (replaced or damaged)")
+
+
+def read_shard_table(root_uri: str, shard: ShardInfo, verify: bool = True, columns: list[str] | None = None) -> pa.Table:
+    """One shard as an Arrow table (of `columns`, default all), its bytes read once and checked against the card
+    (verify_shard) before they are parsed: every reader, in one process or in Ray Data read tasks, calls this."""
     uri = storage.join(root_uri, shard.path)
     try:
         data = storage.read_bytes(uri)
     except StorageError:
         raise DatasetError(f"shard {shard.path} listed in the card of {root_uri} is missing") from None
-    if verify and hashlib.sha256(data).hexdigest() != shard.sha256:
-        raise DatasetError(f"shard {shard.path} of {root_uri} fails its checksum (corrupt or replaced)")
-    return pq.read_table(pa.BufferReader(data))
+    if verify:
+        verify_shard(data, shard, root_uri)
+    return pq.read_table(pa.BufferReader(data), columns=columns)
 
 
 def iter_rows(
