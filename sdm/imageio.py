@@ -11,6 +11,10 @@ from PIL import Image
 from sdm.errors import DatasetError
 
 ID_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L")  # PIL modes that hold one id per pixel
+# The most pixels a stored image or id map may declare (8192x4096): checked on the header, before any pixel is
+# decoded, so a decompression bomb (a few KiB that inflate to GiBs; as an id map, 8 bytes a pixel once decoded) never
+# is. PIL's own guard only warns below 89M pixels and refuses above twice that.
+MAX_PIXELS = 2**25
 
 
 def png_bytes(img: Image.Image) -> bytes:
@@ -33,8 +37,15 @@ def encode_png(arr: np.ndarray) -> bytes:
 def _open(data: bytes, what: str) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
-        img.load()
     except Exception as e:  # PIL raises many types for corrupt data
+        raise DatasetError(f"{what} is not a readable image: {e}") from None
+    w, h = img.size
+    if w * h > MAX_PIXELS:
+        raise DatasetError(f"{what} declares {w}x{h} = {w * h} pixels, over the limit of {MAX_PIXELS} "
+                           "(a decompression bomb?); not decoded")
+    try:
+        img.load()
+    except Exception as e:
         raise DatasetError(f"{what} is not a readable image: {e}") from None
     return img
 

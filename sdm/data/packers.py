@@ -1,8 +1,10 @@
 """`sdm data pack`: labelled datasets in their published folder layouts -> shards + card.
 
-Each layout lists (key, split, image, label, instance) files. Every sample is checked (readable image and
-maps, matching sizes, known class ids); bad ones go to a rejects file with their reason and the good ones
-are packed. Shard names are deterministic, so a rerun replaces shards instead of duplicating them.
+Each layout lists (key, split, image, label, instance) files. Every sample is checked (a name that is printable
+UTF-8 and the only file of its stem, files inside the source tree, readable image and maps under the pixel limit
+that keeps decompression bombs from decoding, matching sizes, known class ids); bad ones go to a rejects file with
+their reason and the good ones are packed. The hostile-dataset corpus (tests/data/hostile_datasets.json) holds the
+cases. Shard names are deterministic, so a rerun replaces shards instead of duplicating them.
 """
 
 from __future__ import annotations
@@ -34,23 +36,36 @@ class Item:
     image: Path | None
     label: Path | None
     instance: Path | None = None
+    problem: str | None = None  # found while listing (e.g. two files of one stem): the item is rejected with it
 
 
-def _stems(folder: Path, suffix: str = "", exts: tuple[str, ...] = IMAGE_EXTS) -> dict[str, Path]:
-    """stem (without `suffix`) -> file, for the image files directly in a folder."""
+def _stems(folder: Path, suffix: str = "", exts: tuple[str, ...] = IMAGE_EXTS) -> dict[str, list[Path]]:
+    """stem (without `suffix`) -> its files (more than one: a duplicate), for the image files directly in a folder."""
     if not folder.is_dir():
         return {}
-    out = {}
+    out: dict[str, list[Path]] = {}
     for f in sorted(folder.iterdir()):
         if f.suffix.lower() in exts and f.stem.endswith(suffix):
-            out[f.stem[: len(f.stem) - len(suffix)] if suffix else f.stem] = f
+            out.setdefault(f.stem[: len(f.stem) - len(suffix)] if suffix else f.stem, []).append(f)
     return out
 
 
-def _pair(split: str, images: dict[str, Path], labels: dict[str, Path], instances: dict[str, Path] | None, prefix: str = "") -> Iterator[Item]:
-    """Items matched by stem; an image without a label (or the reverse) is an item that will be rejected."""
+def _one(files: dict[str, list[Path]] | None, stem: str, what: str) -> tuple[Path | None, str | None]:
+    """The file of `stem`, or the problem that makes its item a reject."""
+    found = (files or {}).get(stem, [])
+    if len(found) > 1:
+        return None, f"duplicate {what}s of one stem: {', '.join(repr(f.name) for f in found)} (which one is meant?)"
+    return (found[0] if found else None), None
+
+
+def _pair(split: str, images: dict[str, list[Path]], labels: dict[str, list[Path]], instances: dict[str, list[Path]] | None,
+          prefix: str = "") -> Iterator[Item]:
+    """Items matched by stem; an image without a label (or the reverse), or a stem with two images (or labels or
+    instance maps), is an item that will be rejected."""
     for stem in sorted(set(images) | set(labels)):
-        yield Item(f"{prefix}{stem}", split, images.get(stem), labels.get(stem), (instances or {}).get(stem))
+        (image, p1), (label, p2), (instance, p3) = (_one(images, stem, "image"), _one(labels, stem, "label"),
+                                                   _one(instances, stem, "instance map"))
+        yield Item(f"{prefix}{stem}", split, image, label, instance, p1 or p2 or p3)
 
 
 def ade20k_items(src: Path) -> Iterator[Item]:
@@ -119,12 +134,37 @@ def _classes(layout: str, src: Path) -> tuple[list[str], list[list[int]], set[in
     return names, palette, allowed
 
 
-def check_item(item: Item, allowed: set[int]) -> dict:
-    """Read and validate one sample; returns its shard row, or raises DatasetError with the reason."""
+def _check_name(key: str) -> None:
+    """A key must be printable UTF-8: it names the sample in shards (Arrow strings), rejects and exported files."""
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DatasetError(f"odd file name {key.encode('utf-8', 'surrogateescape')!r}: not valid UTF-8") from None
+    if not key.isprintable():
+        raise DatasetError(f"odd file name {key!r}: it holds control characters")
+
+
+def _check_inside(path: Path, root: Path) -> None:
+    """A file must lie inside the source tree once links are followed: a link out of it (to /etc, to another
+    dataset, to a mount that is not meant to be read) is not part of the dataset."""
+    target = path.resolve()
+    if not target.is_relative_to(root):
+        raise DatasetError(f"{path.name} is a link to {target}, outside the source tree {root}")
+
+
+def check_item(item: Item, allowed: set[int], root: Path) -> dict:
+    """Read and validate one sample of the source tree at `root` (resolved); returns its shard row, or raises
+    DatasetError with the reason."""
+    _check_name(item.key)
+    if item.problem:
+        raise DatasetError(item.problem)
     if item.image is None:
         raise DatasetError(f"label {item.label.name} has no image")
     if item.label is None:
         raise DatasetError(f"image {item.image.name} has no label")
+    for path in (item.image, item.label, item.instance):
+        if path is not None:
+            _check_inside(path, root)
     try:
         image_bytes, label_bytes = item.image.read_bytes(), item.label.read_bytes()
         inst_bytes = item.instance.read_bytes() if item.instance else None
@@ -156,10 +196,11 @@ def pack(layout: str, src: str, dst: str, shard_bytes: int = DEFAULT_SHARD_BYTES
     names, palette, allowed = _classes(layout, root)
     withdraw_card(dst)
     writers: dict[str, ShardWriter] = {}
-    rejects, has_instance, done = [], False, 0
+    rejects, has_instance, done, splits = [], False, 0, set()
     for item in LAYOUTS[layout](root):
+        splits.add(item.split)
         try:
-            row = check_item(item, allowed)
+            row = check_item(item, allowed, root.resolve())
         except DatasetError as e:
             rejects.append({"key": item.key, "split": item.split, "reason": str(e)})
             continue
@@ -170,6 +211,8 @@ def pack(layout: str, src: str, dst: str, shard_bytes: int = DEFAULT_SHARD_BYTES
             log(f"packed {done} samples ({len(rejects)} rejected)")
     if not writers:
         raise DatasetError(f"no valid samples found in {src} for layout {layout!r} ({len(rejects)} rejected)")
+    for split in sorted(splits - set(writers)):
+        log(f"note: split {split!r} has no valid sample ({sum(r['split'] == split for r in rejects)} rejected); it is left out of the card")
     shards = [s for w in writers.values() for s in w.close()]
     storage.write_bytes(storage.join(dst, REJECTS_FILE), "".join(json.dumps(r) + "\n" for r in rejects).encode())
     card = DatasetCard(
