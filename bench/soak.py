@@ -10,8 +10,9 @@ Each runs the real process on a local Ray cluster: the Serve app over HTTP (requ
 `--block` at a time, so that every change of model loads one and evicts the least recently used), the generation job
 (DDIM, 1 step, randomly initialised tiny model, 32x32 toy label maps, nothing scored) and the training job (tiny
 preset, 1 worker, batch 4, checkpoints as it goes). The process is found by the title Ray gives it. Its memory is its
-resident set less the shared pages it maps (RssAnon + RssFile in /proc/PID/status): Ray's object store is shared
-memory that a worker maps as blocks pass through it, which is not the worker's own and would read as growth.
+anonymous resident memory (RssAnon in /proc/PID/status: its heap, where a leak grows). Shared pages (Ray's object
+store, which a worker maps as blocks pass through it) are not its own, and file-backed pages (the mapped libraries)
+come and go as the kernel reclaims and re-reads them on a busy machine: either would read as growth or as shrinkage.
 
 Warm-up is the first --warmup share of the samples (models loaded, caches and allocator pools filled). Growth is the
 median of the last five samples over the median of the first five after warm-up; the slope is a least-squares fit of
@@ -40,14 +41,13 @@ TARGET_GROWTH = 0.05
 
 
 def own_memory_mib(pid: int) -> float | None:
-    """A process's resident memory less shared memory, in MiB (None once it is gone)."""
+    """A process's own resident memory (RssAnon), in MiB (None once it is gone)."""
     try:
         with open(f"/proc/{pid}/status") as f:
             fields = dict(line.split(":", 1) for line in f)
     except OSError:
         return None
-    kib = sum(int(fields[k].split()[0]) for k in ("RssAnon", "RssFile"))
-    return kib / 1024
+    return int(fields["RssAnon"].split()[0]) / 1024
 
 
 def find_pids(title: str) -> list[int]:
@@ -97,7 +97,7 @@ class Trace:
     def report(self, rows: int = 10) -> str:
         pts = np.array(self.points)
         idx = np.unique(np.linspace(0, len(pts) - 1, rows).round().astype(int))
-        lines = [f"{self.process}: memory (RSS less shared) over {self.unit}, {len(pts)} samples, warm-up the first "
+        lines = [f"{self.process}: memory (RssAnon) over {self.unit}, {len(pts)} samples, warm-up the first "
                  f"{self.warmup:.0%}"]
         lines += [f"  {pts[i, 0]:8.0f} {self.unit:9s} {pts[i, 1]:8.1f} MiB" for i in idx]
         pts_w = self.after_warmup()
