@@ -14,8 +14,9 @@ from sdm.diffusion import GaussianDiffusion
 from sdm.pipeline import SDMPipeline
 from sdm.sampling import derive_seed
 from sdm.testing import blocky_batches
-from sdm.training import make_optimizer, to_memory_format, train_step, weights_layout
+from sdm.training import make_optimizer, train_step, weights_layout
 from sdm.unet import SPADE, FeatureCache, SDMUNet
+from tests.conftest import train_losses
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -171,33 +172,18 @@ def test_fused_adamw_on_cuda_is_one_kernel_and_the_same_update_as_the_loop(tiny_
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def _train_on_cuda(cfg, batches, channels_last: bool, steps: int, dtype: torch.dtype | None = None):
-    torch.manual_seed(0)
-    net = SDMUNet(cfg.model).cuda().train()
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    opt = make_optimizer(net, 1e-3, 0.0)
-    diffusion = GaussianDiffusion.from_config(cfg.diffusion, cfg.model.learn_sigma)
-    gen = torch.Generator().manual_seed(0)
-    losses = []
-    for step in range(steps):
-        x0, label = to_memory_format(*(b.cuda() for b in batches[step % len(batches)]), channels_last)
-        losses.append(train_step(net, opt, diffusion, [(x0, label)], cfg, 0.0, gen, dtype).loss)
-    return losses, net
-
-
 def test_channels_last_training_on_cuda_follows_the_contiguous_run_and_keeps_its_layout(tiny_cfg, monkeypatch):
     """Without TF32 the layout changes only the kernels' summation order: the same losses step for step and the
     same weights after 8 fp32 steps, up to rounding; the weights stay channels_last through fused AdamW; bf16
     channels_last trains too."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     batches = blocky_batches(tiny_cfg.model, 4, 2)
-    contiguous, net_a = _train_on_cuda(tiny_cfg, batches, False, 8)
-    channels_last, net_b = _train_on_cuda(tiny_cfg, batches, True, 8)
+    contiguous, net_a = train_losses(tiny_cfg, batches, False, 8, "cuda")
+    channels_last, net_b = train_losses(tiny_cfg, batches, True, 8, "cuda")
     assert contiguous[-1] < 0.8 * contiguous[0]
     assert np.allclose(channels_last, contiguous, rtol=1e-4, atol=0)
     for (name, a), b in zip(net_a.named_parameters(), net_b.parameters()):
         assert torch.allclose(a, b, rtol=0, atol=1e-3), name
     assert weights_layout(net_a) == "contiguous" and weights_layout(net_b) == "channels_last"
-    bf16, net_c = _train_on_cuda(tiny_cfg, batches, True, 8, torch.bfloat16)
+    bf16, net_c = train_losses(tiny_cfg, batches, True, 8, "cuda", torch.bfloat16)
     assert weights_layout(net_c) == "channels_last" and bf16[-1] < 0.8 * bf16[0]

@@ -185,15 +185,6 @@ def test_running_out_of_device_memory_is_not_fitting_and_other_errors_stay_error
         gpu_parts.fits_in_memory(broken)
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread: quicker for these small shapes on a small, shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _part(name: str, tmp_path) -> dict:
     path = str(tmp_path / f"{name}.jsonl")
     gpu_parts.PARTS[name](gpu_parts.Recorder(path), CPU, TINY)
