@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps quickstart test bench gpu-check clean
+.PHONY: setup system-deps quickstart test soak bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,8 +30,12 @@ system-deps:
 	    || echo "could not install$$missing; the tests that need them skip"; \
 	else echo "missing system packages:$$missing (apt-get install them as root); the tests that need them skip"; fi
 
+# The endurance tests (-m soak) run apart: each watches a process's memory over minutes of work (tests/test_soak.py).
 test: $(STAMP) system-deps
-	$(PY) -m pytest -q --durations=25
+	$(PY) -m pytest -q -m "not soak" --durations=25
+
+soak: $(STAMP)
+	$(PY) -m pytest -q -m soak
 
 bench: $(STAMP)
 	$(PY) bench/sample_speed.py
