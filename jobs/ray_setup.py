@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 import pyarrow.fs
@@ -19,7 +20,15 @@ def init_ray(address: str | None, num_cpus: int | None = None, dashboard: bool =
     if address:
         ray.init(address=address)
         return
-    ray.init(address="local", include_dashboard=dashboard, **({"num_cpus": num_cpus} if num_cpus else {}))
+    # A new local cluster gets Ray's default, token authentication, and Ray warns that it chose it (and says where it
+    # saved a new token): that choice is ours to keep, not news. Ray's other start-up lines go to its logs; the one
+    # line below says what started.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    context = ray.init(address="local", include_dashboard=dashboard, logging_level=logging.WARNING,
+                       **({"num_cpus": num_cpus} if num_cpus else {}))
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    where = f"; dashboard http://{context.dashboard_url}" if context.dashboard_url else ""
+    print(f"started a local Ray cluster ({cpus} CPUs{where}); its logs: {context.address_info['session_dir']}/logs", flush=True)
 
 
 def parse_concurrency(text: str) -> int | tuple[int, int]:
