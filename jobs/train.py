@@ -164,6 +164,8 @@ def fit(args: TrainSpec, cfg: SDMConfig, card: DatasetCard) -> ray.train.Result:
         "has_instance": card.has_instance,
         "class_names": card.class_names,
         "palette": card.palette,
+        # MLflow is configured by the environment of whoever submits the run; the workers may run elsewhere
+        "tracking_env": {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")},
     }
     trainer = TorchTrainer(
         train_worker,

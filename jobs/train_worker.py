@@ -164,6 +164,7 @@ def _quiet_report_log() -> None:
 def train_worker(c: dict[str, Any]) -> None:
     """Ray Train entry point, run on every worker."""
     _quiet_report_log()
+    os.environ.update(c["tracking_env"])
     cfg = SDMConfig.from_dict(c["config"])
     a: TrainSpec = c["spec"]
     ctx = ray.train.get_context()

@@ -4,8 +4,8 @@ MLFLOW_TRACKING_URI is set. Training, and the built-in segmenter's training, log
 A local run's event files are written in place (`tensorboard --logdir RUN` shows them as they grow). An s3:// run's
 are written to a local folder and uploaded by `publish`, which the training job calls with each checkpoint, so the
 store holds whole files and no step the run has not reached. A resumed run opens its writer with TensorBoard's
-purge step (the step after its checkpoint): the reader drops what an earlier attempt logged beyond it, so each
-curve continues with no step twice and none missing. MLflow has no such purge, so its scalars are sent by
+purge step (the step after its checkpoint; step 1 for a run that starts afresh): the reader drops what an
+earlier attempt logged beyond it, so each curve continues with no step twice and none missing. MLflow has no such purge, so its scalars are sent by
 `commit`, which the job calls once the checkpoint they lead up to is saved.
 """
 
@@ -41,7 +41,7 @@ class RunLogger:
         self.run_uri = run_uri
         self._staging = tempfile.mkdtemp(prefix="sdm-tensorboard-") if storage.is_s3(run_uri) else None
         log_dir = self._staging or storage.resolve(storage.join(run_uri, TENSORBOARD_DIR))[1]
-        self._writer = SummaryWriter(log_dir, purge_step=resume_step + 1 if resume_step else None, flush_secs=flush_secs)
+        self._writer = SummaryWriter(log_dir, purge_step=resume_step + 1, flush_secs=flush_secs)
         self._pending: list[tuple[int, dict[str, float]]] = []
         self._mlflow = _MlflowRun.open(run_uri, params or {}, run_name) if os.environ.get("MLFLOW_TRACKING_URI") else None
 
@@ -94,6 +94,8 @@ class _MlflowRun:
     def open(cls, run_uri: str, params: Mapping[str, Any], run_name: str | None) -> "_MlflowRun":
         from mlflow.tracking import MlflowClient
 
+        for name in ("alembic", "mlflow.store.db.utils"):  # a new store's schema set-up, line by line
+            logging.getLogger(name).setLevel(logging.WARNING)
         client = MlflowClient()
         record = storage.join(run_uri, TRACKING_FILE)
         if storage.exists(record):
