@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps quickstart test bench clean
+.PHONY: setup system-deps quickstart test bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,15 @@ test: $(STAMP) system-deps
 
 bench: $(STAMP)
 	$(PY) bench/sample_speed.py
+
+# Every CUDA path and the GPU figures in one command of at most 8 minutes (bench/gpu_check.py). It installs nothing:
+# a GPU machine may have no package registry, so it runs on .venv's Python where there is one, else on python3 with
+# its own torch, importing this checkout through PYTHONPATH.
+OUT ?= runs/gpu-check
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) bench/gpu_check.py --out $(OUT)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -203,7 +203,7 @@ def fmt(values: list[float]) -> str:
     return f"{np.mean(values):.4f} ({min(values):.4f}-{max(values):.4f})"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=DEFAULT_MODEL, help="the SDM model (default: the quick start's)")
     p.add_argument("--data", help="real dataset with train and val splits (default: the quick start's toy dataset, rewritten)")
@@ -218,8 +218,9 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="segmenter training seeds (mean and range reported)")
     p.add_argument("--sample-steps", type=int, help="sampling steps (default: the model's)")
     p.add_argument("--gen-seed", type=int, default=0, help="the generation job's seed")
+    p.add_argument("--no-generated-only", action="store_true", help="leave out the rows trained on generated pairs alone")
     p.add_argument("--quick", action="store_true", help="N = 8, one seed, 100 segmenter steps")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.quick:
         args.n, args.seeds, args.segmenter_steps = [8], [0], 100
     wall_start = time.perf_counter()
@@ -307,10 +308,12 @@ def main() -> int:
             both = os.path.join(out, f"n{n}", f"real+{s.name}")
             write_dataset(both, card, real_rows + list(iter_rows(s.uri)), f"{card.name}-first{n}+{s.name}",
                           {"real": subset, "generated": s.uri})
-            rows += [(n, "real + generated", both, s), (n, "generated", s.uri, s)]
-            for seed in args.seeds:
-                trainer.submit(both, seed)
-                trainer.submit(s.uri, seed)
+            rows.append((n, "real + generated", both, s))
+            if not args.no_generated_only:
+                rows.append((n, "generated", s.uri, s))
+            for data in [both] if args.no_generated_only else [both, s.uri]:
+                for seed in args.seeds:
+                    trainer.submit(data, seed)
     ray.shutdown()
     trainer.widen(cpus)
 

@@ -65,9 +65,11 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def train_model(structure: str, data: str, out: str, args: argparse.Namespace) -> SDMPipeline:
+def train_model(structure: str, data: str, out: str, args: argparse.Namespace, preset: str = "tiny",
+                seed: int | None = None, bf16: bool = False) -> SDMPipeline:
     """Pretrain, then fine-tune with label dropout; the fine-tuned EMA weights are saved and returned."""
-    cfg = get_preset("tiny").with_overrides([f"model.conditioning={structure}"])
+    seed = args.seed if seed is None else seed
+    cfg = get_preset(preset).with_overrides([f"model.conditioning={structure}"])
     if storage.exists(storage.join(out, "config.json")):
         log(f"{structure}: reusing {out}")
         return SDMPipeline.from_pretrained(out, micro_batch=args.val_maps * args.k)
@@ -76,16 +78,17 @@ def train_model(structure: str, data: str, out: str, args: argparse.Namespace) -
     def progress(stage: str, total: int):
         def report(step: int, r, elapsed: float) -> None:
             if step % 100 == 0 or step == total:
-                log(f"{structure} {stage} step {step}/{total} loss {r.loss:.4f} ({time.perf_counter() - start:.0f}s)")
+                log(f"{structure} seed {seed} {stage} step {step}/{total} loss {r.loss:.4f} ({time.perf_counter() - start:.0f}s)")
         return report
 
-    batches = local_batches(data, cfg, args.batch_size, args.seed)
-    net, _, _ = train_local(cfg, batches, args.pretrain_steps, seed=args.seed, log=progress("pretrain", args.pretrain_steps))
+    fast = {"autocast_dtype": torch.bfloat16, "channels_last": True} if bf16 else {}
+    batches = local_batches(data, cfg, args.batch_size, seed)
+    net, _, _ = train_local(cfg, batches, args.pretrain_steps, seed=seed, log=progress("pretrain", args.pretrain_steps), **fast)
     net, ema, _ = train_local(cfg, batches, args.finetune_steps, net=net.train(), lr=cfg.train.finetune_lr,
-                              drop_rate=args.drop_rate, seed=args.seed + 1, log=progress("finetune", args.finetune_steps))
+                              drop_rate=args.drop_rate, seed=seed + 1, log=progress("finetune", args.finetune_steps), **fast)
     model = SDMUNet(cfg.model)
     model.load_state_dict(ema.module.state_dict())
-    save_model(out, model, cfg, metadata={"origin": f"bench/reproduce_toy {structure}"})
+    save_model(out, model, cfg, metadata={"origin": f"bench {preset} {structure} seed {seed}"})
     return SDMPipeline(model.eval(), cfg, micro_batch=args.val_maps * args.k)  # one unpadded batch per row of the table
 
 
@@ -106,6 +109,7 @@ def score(pipe: SDMPipeline, maps: list[dict], k: int, guidance: float, sampler:
         "low-pass pixel L1": mean_pairwise_distance(groups, LowPassL1Distance()).mean,
         "per_class_iou": [None if np.isnan(v) else float(v) for v in cm.iou()],
         "images": len(images), "sampler": sampler, "steps": steps, "guidance": guidance, "sampling_seconds": seconds,
+        "samples": images,  # not stored in results.json
     }
 
 
@@ -167,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         table(f"Guidance sweep, SDM (SPADE), {default.sampler} {default.num_inference_steps} steps", [(r["row"], r) for r in results["guidance_sweep"]]),
     ])
     print("\n" + text)
+    for r in results["table4"] + results["guidance_sweep"]:
+        r.pop("samples", None)
     storage.write_bytes(storage.join(args.out, "results.json"), json.dumps(results, indent=1).encode())
     storage.write_bytes(storage.join(args.out, "results.txt"), (text + "\n").encode())
     panels = []

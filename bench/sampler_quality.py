@@ -58,6 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, help="default: the model's")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (ddim-eta1 rows use 1.0)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--segmenter", help="a built-in segmenter directory to score with (default: one trained on --data)")
     p.add_argument("--segmenter-steps", type=int, default=200)
     p.add_argument("--cache-dir", default="runs/quickstart/cache")
     p.add_argument("--texture-tolerance", type=float, default=0.15, help="|texture / real texture - 1| allowed")
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     card = read_card(args.data)
     maps = list(islice(iter_samples(args.data, split="val"), args.maps))
     real = np.stack([m["image"] for m in maps])
-    seg_uri = builtin_segmenter(args.data, args.segmenter_steps, args.cache_dir, log)
+    seg_uri = args.segmenter or builtin_segmenter(args.data, args.segmenter_steps, args.cache_dir, log)
     scorer = Scorer(real, maps, args.k, seg_uri, card.num_classes)
     log(f"model {args.model}, {len(maps)} label maps x {args.k} samples, guidance {guidance:g}, precision {args.precision}; "
         f"real images: texture {scorer.spectrum(real)[:, -1].mean():.2f}, segmenter mIoU {scorer.real_miou:.4f}")

@@ -59,7 +59,8 @@ class Row:
 def run(cfg: SDMConfig, batches, steps: int, warmup: int, row: Row, device: torch.device) -> dict:
     torch.manual_seed(0)
     channels_last = FORMATS[row.layout]
-    net = SDMUNet(cfg.model).to(device).train()
+    with device:  # initialised where it trains: the full network builds slowly on a CPU
+        net = SDMUNet(cfg.model).train()
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     opt = make_optimizer(net, cfg.train.lr, cfg.train.weight_decay)

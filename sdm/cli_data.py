@@ -11,7 +11,9 @@ from sdm.data.card import CARD_FILE
 from sdm.data.export import EXPORT_FILE, LAYOUTS as EXPORT_LAYOUTS, plan_export, run_export
 from sdm.data.inspect import inspect_dataset
 from sdm.data.packers import LAYOUTS, pack, report
-from sdm.data.toy import write_toy_dataset
+from sdm.data.procedural import World, write_world
+from sdm.data.scenes import SCENES
+from sdm.data.toy import TOY
 from sdm.errors import EXIT_FAILED, DatasetError, StorageError
 
 
@@ -22,15 +24,20 @@ def _store_failed(e: StorageError, dst: str) -> int:
     return EXIT_FAILED
 
 
-def cmd_toy(args: argparse.Namespace) -> int:
+# The procedural worlds: `toy` for the quick start and most tests, `scenes` the benchmark world; default sizes.
+WORLDS: dict[str, tuple[World, int]] = {"toy": (TOY, 512), "scenes": (SCENES, 2048)}
+
+
+def cmd_world(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     storage.resolve(args.dst)  # a malformed URI is refused before any work
+    world = WORLDS[args.data_command][0]
     try:
-        card = write_toy_dataset(args.dst, n=args.n, size=args.size, seed=args.seed, val_fraction=args.val_fraction)
+        card = write_world(world, args.dst, n=args.n, size=args.size, seed=args.seed, val_fraction=args.val_fraction)
     except StorageError as e:
         return _store_failed(e, args.dst)
     splits = ", ".join(f"{v} {k}" for k, v in card.split_sizes.items())
-    print(f"wrote the toy dataset ({splits}; {len(card.shards)} shards) to {args.dst} in {time.perf_counter() - start:.1f}s")
+    print(f"wrote the {world.name} dataset ({splits}; {len(card.shards)} shards) to {args.dst} in {time.perf_counter() - start:.1f}s")
     return 0
 
 
@@ -70,13 +77,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def add_data_commands(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="make, pack and inspect datasets").add_subparsers(dest="data_command", required=True)
 
-    p = data.add_parser("toy", help="write the procedural toy dataset")
-    p.add_argument("dst", help="output URI (local path, file:// or s3://)")
-    p.add_argument("--n", type=int, default=512, help="number of samples")
-    p.add_argument("--size", type=int, default=32, help="image side in pixels")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-fraction", type=float, default=0.125)
-    p.set_defaults(func=cmd_toy)
+    helps = {"toy": "write the procedural toy dataset (6 colour-coded classes, 32x32: fast)",
+             "scenes": "write the procedural benchmark world (18 classes colour cannot tell apart, thin structures, 48x48)"}
+    for name, (world, n) in WORLDS.items():
+        p = data.add_parser(name, help=helps[name])
+        p.add_argument("dst", help="output URI (local path, file:// or s3://)")
+        p.add_argument("--n", type=int, default=n, help="number of samples")
+        p.add_argument("--size", type=int, default=world.default_size, help="image side in pixels")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--val-fraction", type=float, default=0.125)
+        p.set_defaults(func=cmd_world)
 
     p = data.add_parser("pack", help="pack a labelled dataset in its published layout into shards")
     p.add_argument("--layout", required=True, choices=sorted(LAYOUTS))

@@ -323,6 +323,27 @@ _PRESETS: dict[str, SDMConfig] = {
         sampling=SamplingConfig(guidance_scale=1.5, sampler="ddim", eta=1.0, num_inference_steps=25),
         train=TrainConfig(lr=1e-3, finetune_lr=3e-4, batch_size=16, ema_decay=0.995),
     ),
+    # The benchmark world (`sdm data scenes`, 48x48, 18 classes): the tiny network at 48x48, trained in
+    # minutes on 2 CPU cores (bench/world_benchmark.py).
+    "scenes": SDMConfig(
+        name="scenes",
+        model=ModelConfig(
+            num_classes=18,
+            instance_edges=True,
+            image_size=(48, 48),
+            model_channels=32,
+            channel_mult=(1, 2, 2),
+            num_res_blocks=1,
+            attention_resolutions=(12,),
+            num_head_channels=32,
+            spade_hidden=32,
+            norm_groups=8,
+        ),
+        diffusion=DiffusionConfig(num_timesteps=1000, schedule="linear"),
+        data=DataConfig(dataset="scenes"),
+        sampling=SamplingConfig(guidance_scale=1.5, sampler="ddim", eta=1.0, num_inference_steps=25),
+        train=TrainConfig(lr=1e-3, finetune_lr=3e-4, batch_size=16, ema_decay=0.995),
+    ),
 }
 
 

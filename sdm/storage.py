@@ -12,6 +12,9 @@ Train's checkpoint uploads and Ray Data's reads (both get their filesystem from 
 retry setting when pickled to a worker). A store that stays down ends each operation in a StorageError naming
 the URI; with 8 attempts, a request to a store that is down gave up after 3 to 55 s on loopback (the SDKs'
 jittered backoff, each wait capped at 20 s): set AWS_MAX_ATTEMPTS lower to fail faster, higher to ride out more.
+
+boto3 is imported where an S3 write needs it, so local paths work where it is not installed (the GPU check's
+machine, `make gpu-check`).
 """
 
 from __future__ import annotations
@@ -24,10 +27,7 @@ import uuid
 from typing import Any
 from urllib.parse import urlparse
 
-import boto3
 import pyarrow.fs as pafs
-from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
 
 from sdm.errors import StorageError
 
@@ -103,6 +103,9 @@ _clients_lock = threading.Lock()
 def _boto3_s3() -> Any:
     """A boto3 S3 client with the same retry policy, one per process and settings (clients are thread-safe;
     creating them is not, nor cheap)."""
+    import boto3
+    from botocore.config import Config
+
     attempts = max_attempts()
     env = tuple(os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"))
     key = (os.getpid(), _endpoint(), _region(), attempts, env)
@@ -194,20 +197,25 @@ def write_bytes(uri: str, data: bytes) -> None:
                 if os.path.exists(tmp):
                     os.remove(tmp)
         else:
-            _upload(path, data)
-    except (OSError, BotoCoreError, ClientError) as e:
+            _upload(uri, path, data)
+    except OSError as e:
         raise _failed("write", uri, e) from None
 
 
-def _upload(path: str, data: bytes) -> None:
+def _upload(uri: str, path: str, data: bytes) -> None:
     """One PUT through boto3: the object appears whole when it succeeds, and not at all otherwise.
 
     (A pyarrow S3 output stream cannot be aborted: closing it after a failure would publish a prefix.)
     """
+    from botocore.exceptions import BotoCoreError, ClientError
+
     bucket, _, key = path.partition("/")
     if not key:
         raise StorageError(f"s3://{path} names a bucket, not an object")
-    _boto3_s3().put_object(Bucket=bucket, Key=key, Body=data)
+    try:
+        _boto3_s3().put_object(Bucket=bucket, Key=key, Body=data)
+    except (BotoCoreError, ClientError) as e:
+        raise _failed("write", uri, e) from None
 
 
 def publish_dir(local_dir: str, uri: str, last: str) -> None:

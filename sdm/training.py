@@ -165,11 +165,16 @@ def train_local(
     drop_rate: float = 0.0,
     seed: int = 0,
     log: Callable[[int, StepResult, float], None] | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
 ) -> tuple[SDMUNet, AveragedModel, list[StepResult]]:
-    """A single-process training loop over (x0 in [-1, 1], label input) batches; returns (net, ema, history)."""
+    """A single-process training loop over (x0 in [-1, 1], label input) batches; returns (net, ema, history).
+    bf16 autocast and channels_last as in the Ray Train job (a CPU with AMX or AVX512-BF16 trains 1.5-1.7x faster)."""
     torch.manual_seed(seed)
     net = net if net is not None else SDMUNet(config.model)
     net.train()
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
     diffusion = GaussianDiffusion.from_config(config.diffusion, config.model.learn_sigma)
     opt = make_optimizer(net, lr or config.train.lr, config.train.weight_decay)
     ema = make_ema(net, config.train.ema_decay)
@@ -177,8 +182,8 @@ def train_local(
     history = []
     start = time.perf_counter()
     for step in range(1, steps + 1):
-        x0, label = next(batches)
-        result = train_step(net, opt, diffusion, [(x0, label)], config, drop_rate, gen)
+        x0, label = to_memory_format(*next(batches), channels_last)
+        result = train_step(net, opt, diffusion, [(x0, label)], config, drop_rate, gen, autocast_dtype)
         if result.finite:
             ema.update_parameters(net)
         history.append(result)

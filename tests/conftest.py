@@ -9,6 +9,8 @@ from sdm.data.toy import render_toy_image, write_toy_dataset
 from sdm.testing import write_painted_generation
 
 from sdm.config import ModelConfig, get_preset
+from sdm.diffusion import GaussianDiffusion
+from sdm.training import make_optimizer, to_memory_format, train_step
 from sdm.unet import SDMUNet
 
 
@@ -30,6 +32,32 @@ def tiny_cfg():
 def random_tiny_net(tiny_cfg) -> SDMUNet:
     torch.manual_seed(0)
     return perturbed(SDMUNet(tiny_cfg.model)).eval()
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread, as each Ray Train worker runs on one CPU (and quick for small shapes on a shared machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train_losses(cfg, batches: list, channels_last: bool, steps: int, device: str = "cpu",
+                 dtype: torch.dtype | None = None) -> tuple[list[float], SDMUNet]:
+    """Per-step losses and the network after `steps` train steps from one seed, on the same draws."""
+    torch.manual_seed(0)
+    net = SDMUNet(cfg.model).to(device).train()
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    opt = make_optimizer(net, 1e-3, 0.0)
+    diffusion = GaussianDiffusion.from_config(cfg.diffusion, cfg.model.learn_sigma)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for step in range(steps):
+        x0, label = to_memory_format(*(b.to(device) for b in batches[step % len(batches)]), channels_last)
+        losses.append(train_step(net, opt, diffusion, [(x0, label)], cfg, 0.0, gen, dtype).loss)
+    return losses, net
 
 
 def reduced(model: ModelConfig) -> ModelConfig:

@@ -1,13 +1,11 @@
 """Label dropout for classifier-free guidance, and the channels_last training path against the contiguous one."""
 
 import numpy as np
-import pytest
 import torch
 
-from sdm.diffusion import GaussianDiffusion
 from sdm.testing import blocky_batches
-from sdm.training import drop_labels, make_optimizer, memory_format_of, to_memory_format, train_step, weights_layout
-from sdm.unet import SDMUNet
+from sdm.training import drop_labels, memory_format_of, train_local, weights_layout
+from tests.conftest import train_losses
 
 
 def test_label_dropout_drops_the_given_share_to_the_null_label():
@@ -20,38 +18,13 @@ def test_label_dropout_drops_the_given_share_to_the_null_label():
     assert torch.equal(same, label) and all_kept.all()
 
 
-def _train(cfg, batches, channels_last: bool, steps: int):
-    """Per-step losses and the network after `steps` fp32 train steps from one seed, on the same draws."""
-    torch.manual_seed(0)
-    net = SDMUNet(cfg.model).train()
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    opt = make_optimizer(net, 1e-3, 0.0)
-    diffusion = GaussianDiffusion.from_config(cfg.diffusion, cfg.model.learn_sigma)
-    gen = torch.Generator().manual_seed(0)
-    losses = []
-    for step in range(steps):
-        x0, label = to_memory_format(*batches[step % len(batches)], channels_last)
-        losses.append(train_step(net, opt, diffusion, [(x0, label)], cfg, 0.0, gen).loss)
-    return losses, net
-
-
-@pytest.fixture
-def one_thread():
-    """One torch thread, as each Ray Train worker runs on one CPU (and quick on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_channels_last_trains_to_the_same_losses_as_contiguous(tiny_cfg, one_thread):
     """The layout changes which convolution kernels run (rounding), not the arithmetic: over 8 steps the per-step
     losses agree to 1e-5 relative (measured: under 2e-7) and the weights to 1e-4 (measured: 2e-6), and the weights
     stay channels_last through the optimizer's updates."""
     batches = blocky_batches(tiny_cfg.model, 4, 2)
-    contiguous, net_a = _train(tiny_cfg, batches, False, 8)
-    channels_last, net_b = _train(tiny_cfg, batches, True, 8)
+    contiguous, net_a = train_losses(tiny_cfg, batches, False, 8)
+    channels_last, net_b = train_losses(tiny_cfg, batches, True, 8)
     assert contiguous[-1] < 0.8 * contiguous[0]  # it trains: the comparison is between learning runs
     assert np.allclose(channels_last, contiguous, rtol=1e-5, atol=0)
     for (name, a), b in zip(net_a.named_parameters(), net_b.parameters()):
@@ -64,3 +37,14 @@ def test_memory_format_of_tells_a_channels_last_image_batch_from_the_others():
     assert memory_format_of(x0) == torch.channels_last
     assert memory_format_of(x0.contiguous()) == torch.contiguous_format
     assert memory_format_of(torch.rand(2, 3)) == torch.contiguous_format
+
+
+def test_train_local_in_bf16_and_channels_last_follows_the_fp32_run(tiny_cfg, one_thread):
+    """The benches' single-process loop takes the job's fast settings: weights held channels_last, bf16 autocast, and
+    losses that follow the fp32 run's (bf16 rounding: within 5% per step over 6 steps)."""
+    batches = blocky_batches(tiny_cfg.model, 4, 2)
+    _, _, fp32 = train_local(tiny_cfg, iter(batches * 3), 6, seed=0)
+    net, ema, bf16 = train_local(tiny_cfg, iter(batches * 3), 6, seed=0, autocast_dtype=torch.bfloat16, channels_last=True)
+    assert weights_layout(net) == "channels_last" and weights_layout(ema.module) == "channels_last"
+    assert np.allclose([r.loss for r in bf16], [r.loss for r in fp32], rtol=0.05, atol=0)
+    assert [r.loss for r in bf16] != [r.loss for r in fp32]  # bf16 did run

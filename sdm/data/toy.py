@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from sdm.data.card import DatasetCard, withdraw_card, write_card
-from sdm.data.shards import DEFAULT_SHARD_BYTES, ShardWriter, make_row
-from sdm.imageio import encode_png
+from sdm.data.card import DatasetCard
+from sdm.data.procedural import World, write_world
+from sdm.data.shards import DEFAULT_SHARD_BYTES
 
 TOY_CLASSES = ["sky", "grass", "water", "tree", "house", "ball"]
 TOY_PALETTE = [[135, 206, 235], [60, 160, 60], [30, 60, 200], [10, 80, 20], [180, 40, 40], [250, 200, 30]]
@@ -82,10 +82,12 @@ def _paint(rng: np.random.Generator, label: np.ndarray, instance: np.ndarray) ->
     return img.clip(0, 255).astype(np.uint8)
 
 
+TOY = World(name="toy", class_names=TOY_CLASSES, palette=TOY_PALETTE, default_size=32, layout=_layout, paint=_paint)
+
+
 def render_toy_sample(rng: np.random.Generator, size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image uint8 HxWx3, label uint8 HxW of class ids 0..5, instance int32 HxW)."""
-    label, instance = _layout(rng, size)
-    return _paint(rng, label, instance), label, instance
+    return TOY.sample(rng, size)
 
 
 def render_toy_image(rng: np.random.Generator, label: np.ndarray, instance: np.ndarray) -> np.ndarray:
@@ -97,24 +99,4 @@ def write_toy_dataset(
     dst_uri: str, n: int, size: int = 32, seed: int = 0, val_fraction: float = 0.125, shard_bytes: int = DEFAULT_SHARD_BYTES
 ) -> DatasetCard:
     """Write n samples ("train" and "val" splits) in the shard format, the card last."""
-    withdraw_card(dst_uri)
-    rng = np.random.default_rng(seed)
-    n_val = int(round(n * val_fraction))
-    writers = {"train": ShardWriter(dst_uri, "train", shard_bytes), "val": ShardWriter(dst_uri, "val", shard_bytes)}
-    for i in range(n):
-        split = "val" if i >= n - n_val else "train"
-        image, label, instance = render_toy_sample(rng, size)
-        writers[split].add(make_row(f"toy-{i:06d}", split, encode_png(image), encode_png(label), encode_png(instance), size, size))
-    shards = [s for w in writers.values() for s in w.close()]
-    card = DatasetCard(
-        name="toy",
-        num_classes=len(TOY_CLASSES),
-        class_names=TOY_CLASSES,
-        palette=TOY_PALETTE,
-        has_instance=True,
-        split_sizes={"train": n - n_val, "val": n_val},
-        shards=shards,
-        extra={"generator": "sdm.data.toy", "seed": seed, "size": size},
-    )
-    write_card(dst_uri, card)
-    return card
+    return write_world(TOY, dst_uri, n, size, seed, val_fraction, shard_bytes)
