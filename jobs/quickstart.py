@@ -27,9 +27,10 @@ from sdm.imageio import encode_png
 from sdm.data.toy import write_toy_dataset
 from sdm.errors import EXIT_REFUSED
 from sdm.generate import SETTINGS_FILE
-from sdm.metrics.evaluate import EvalSettings, evaluate, summary
+from sdm.metrics.evaluate import EvalSettings, builtin_segmenter, evaluate, summary
 from sdm.metrics.image_sets import open_set
 from sdm.pipeline import SDMPipeline
+from sdm.run_report import REPORT_FILE
 
 
 SEGMENTER_STEPS = 200
@@ -72,21 +73,24 @@ def main(argv: list[str] | None = None) -> int:
     else:
         card = write_toy_dataset(data, n=args.samples, size=32, seed=0)
         print(f"wrote {card.split_sizes} in {len(card.shards)} shards")
+    # The built-in segmenter scores the label consistency of the training's validation draws, of every generated pair
+    # and of the evaluation: trained once (same data, steps and cache).
+    segmenter = builtin_segmenter(data, SEGMENTER_STEPS, storage.join(args.out, "cache"), lambda msg: print(msg, flush=True))
 
     # The tiny preset's EMA decay (0.995) would still hold 30% of the random initialisation after 240 steps:
     # the exported EMA weights of a run this short would draw noise. 0.98 averages over the last ~50 steps.
     common = {"preset": "tiny", "data": data, "num_workers": args.num_workers, "log_every": 20,
-              "batch_size": args.batch_size, "overrides": ("train.ema_decay=0.98",)}
+              "batch_size": args.batch_size, "overrides": ("train.ema_decay=0.98",), "segmenter": segmenter}
     _banner(f"2/6 pretraining on Ray Train ({args.num_workers} workers) -> {pre}")
     if status := train.run(TrainSpec(run=pre, steps=args.pretrain_steps, checkpoint_every=100, **common)):
         return status
     _banner(f"3/6 fine-tuning with label dropout 0.2 -> {ft}")
+    # Fine-tuning's draws are guided (two network passes a step): validated twice, to keep their share small.
     if status := train.run(TrainSpec(run=ft, stage="finetune", init_from=pre, steps=args.finetune_steps,
-                                     checkpoint_every=50, **common)):
+                                     checkpoint_every=50, eval_every=max(1, args.finetune_steps // 2), **common)):
         return status
 
     _banner(f"4/6 bulk generation on Ray Data: {args.samples_per_label} images per validation label map -> {gen}")
-    # The segmenter that scores each pair is the one the evaluation trains (same data, steps and cache): trained once.
     if status := generate.run(GenerateSpec(model=ft, labels=data, split="val", out=gen, samples_per_label=args.samples_per_label,
                                            segmenter_steps=SEGMENTER_STEPS, cache_dir=storage.join(args.out, "cache"))):
         if status == EXIT_REFUSED and storage.exists(storage.join(gen, SETTINGS_FILE)):
@@ -111,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     _banner(f"done in {time.perf_counter() - start:.0f}s")
     print(f"  dataset:          {data}   (inspect: sdm data inspect {data})")
     print(f"  trained model:    {ft}/model")
+    print(f"  training reports: {storage.join(pre, REPORT_FILE)}, {storage.join(ft, REPORT_FILE)}   "
+          f"(curves: tensorboard --logdir {args.out})")
     print(f"  generated data:   {gen}   ({args.samples_per_label} images per validation label map)")
     print(f"  evaluation:       {results['files']['report']}   (numbers: {results['files']['json']})")
     print(f"  samples:          {sheet}, {results['files']['contact_sheet']}")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import os
+import socket
 from typing import Any
 
 import pyarrow as pa
@@ -27,7 +29,26 @@ def init_ray(address: str | None, num_cpus: int | None = None, dashboard: bool =
     if address:
         ray.init(address=address)
         return
-    ray.init(address="local", include_dashboard=dashboard, **({"num_cpus": num_cpus} if num_cpus else {}))
+    # A new local cluster gets Ray's default, token authentication, and Ray warns that it chose it (and says where it
+    # saved a new token): that choice is ours to keep, not news. Ray's other start-up lines go to its logs; the one
+    # line below says what started.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    options: dict = {"num_cpus": num_cpus} if num_cpus else {}
+    if dashboard:
+        # Ray's actors that call the state API find its server by RAY_API_SERVER_ADDRESS; without it they look for
+        # "the" cluster on the machine, and fail (with a traceback every second) when another one runs there too.
+        port = _free_port()
+        options.update(dashboard_port=port, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+    context = ray.init(address="local", include_dashboard=dashboard, logging_level=logging.WARNING, **options)
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    where = f"; dashboard http://{context.dashboard_url}" if context.dashboard_url else ""
+    print(f"started a local Ray cluster ({cpus} CPUs{where}); its logs: {context.address_info['session_dir']}/logs", flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def parse_concurrency(text: str) -> int | tuple[int, int]:

@@ -56,6 +56,9 @@ class TrainSpec:
     max_bad_steps: int = 5
     shuffle_buffer: int = 256
     audit_keys: bool = False
+    eval_every: int | None = None  # validation draws every this many steps; default: eval_every_default(steps)
+    eval_maps: int = 6  # validation label maps drawn (one network batch)
+    segmenter: str | None = None  # scores the validation samples' label consistency (sdm.metrics.segmenter)
     seed: int = 0
     fresh: bool = False
     address: str | None = None
@@ -63,6 +66,13 @@ class TrainSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "overrides", tuple(self.overrides))
         _absolute(self, "data", "run", "init_from")
+        if self.segmenter and storage.exists(self.segmenter):  # else module:callable
+            _absolute(self, "segmenter")
+
+    @property
+    def validation_interval(self) -> int:
+        """--eval-every, or by default 4 draws over the run (at most 5000 steps apart)."""
+        return self.eval_every if self.eval_every is not None else min(-(-self.steps // 4), 5000)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ Rerunning the same command on an existing run resumes it from its latest checkpo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -17,18 +18,22 @@ import ray
 import ray.data
 import ray.train
 import ray.train.torch
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.data import ExecutionOptions
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from jobs.ray_setup import init_ray, integrity_failure
 from jobs.specs import TrainSpec, from_namespace
 from jobs.train_data import check_dataset_fits, make_train_dataset
-from jobs.train_worker import latest_checkpoint_dir, train_worker
+from jobs.train_worker import checkpoint_dirs, latest_checkpoint_dir, train_worker
 from sdm import storage
 from sdm.checkpoint import RUN_MODEL_DIR, exported_step, find_model_dir, load_progress
 from sdm.config import SDMConfig, get_preset
 from sdm.data.card import DatasetCard, read_card
 from sdm.errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, SDMError
+from sdm.metrics.segmenter import load_segmenter
+from sdm.run_report import write_run_report
+from sdm.validation import MAX_VALIDATION_MAPS
 
 
 def parse_args(argv: list[str] | None = None) -> TrainSpec:
@@ -60,6 +65,11 @@ def parse_args(argv: list[str] | None = None) -> TrainSpec:
     p.add_argument("--max-failures", type=int, default=3, help="worker-group restarts before the run fails")
     p.add_argument("--max-bad-steps", type=int, default=5, help="consecutive non-finite steps that stop the run")
     p.add_argument("--shuffle-buffer", type=int, default=256, help="rows in each worker's local shuffle buffer")
+    p.add_argument("--eval-every", type=int, help="draw and score the validation maps every N steps "
+                   "(default: 4 times over the run, at most 5000 steps apart)")
+    p.add_argument("--eval-maps", type=int, default=6, help="validation label maps drawn each time (fixed seeds)")
+    p.add_argument("--segmenter", help="a segmenter (built-in directory, TorchScript file, module:callable) to score "
+                   "the validation samples' label consistency with")
     p.add_argument("--audit-keys", action="store_true", help="write the sample keys each worker read, per epoch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="delete an existing run at --run and start over")
@@ -89,6 +99,12 @@ def validate(args: TrainSpec, cfg: SDMConfig) -> None:
         if latest_checkpoint_dir(args.init_from) is None:
             find_model_dir(args.init_from)  # raises CheckpointError naming what is missing
     drop = cfg.train.drop_rate if args.drop_rate is None else args.drop_rate
+    if args.eval_every is not None and args.eval_every < 1:
+        raise SDMError(f"--eval-every must be >= 1, got {args.eval_every}")
+    if not 1 <= args.eval_maps <= MAX_VALIDATION_MAPS:
+        raise SDMError(f"--eval-maps must lie in [1, {MAX_VALIDATION_MAPS}], got {args.eval_maps}")
+    if args.segmenter:
+        load_segmenter(args.segmenter)  # raises naming what does not load
     if not 0.0 <= drop < 1.0:
         raise SDMError(f"--drop-rate must lie in [0, 1), got {drop}")
     try:
@@ -109,7 +125,10 @@ def run_config(args: TrainSpec) -> RunConfig:
 
 
 def _start_ray(args: TrainSpec) -> None:
-    """A local cluster leaves a CPU for Ray Data beside the training workers."""
+    """A local cluster leaves a CPU for Ray Data beside the training workers. Its nodes are this machine, which no
+    cloud preempts: Ray Train's preemption watcher (an actor that logs an error line as it starts) is left out."""
+    if not (args.address or os.environ.get("RAY_ADDRESS")):
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # read by the driver, passed on by Ray Train
     needed = int(args.num_workers * args.cpus_per_worker) + 1
     init_ray(args.address, num_cpus=max(os.cpu_count() or 1, needed), dashboard=True)
 
@@ -132,7 +151,8 @@ def fit(args: TrainSpec, cfg: SDMConfig, card: DatasetCard) -> ray.train.Result:
         f"global batch {args.num_workers * batch * args.grad_accum} = {args.num_workers} workers x {batch} per worker "
         f"x {args.grad_accum} accumulation; {args.steps} steps ({args.stage}) -> {args.run}"
     )
-    # Our own per-step progress line replaces Ray Train's print mirroring and Ray Data's bars here.
+    # Our own per-step progress line replaces Ray Train's print mirroring, and Ray Data's bars: the training reads
+    # run in an actor, whose bars cannot draw on the job's console (Ray Data's note that they are off goes to its log).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     ray.data.DataContext.get_current().enable_progress_bars = False
     if not ray.is_initialized():
@@ -144,6 +164,8 @@ def fit(args: TrainSpec, cfg: SDMConfig, card: DatasetCard) -> ray.train.Result:
         "has_instance": card.has_instance,
         "class_names": card.class_names,
         "palette": card.palette,
+        # MLflow is configured by the environment of whoever submits the run; the workers may run elsewhere
+        "tracking_env": {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")},
     }
     trainer = TorchTrainer(
         train_worker,
@@ -154,6 +176,9 @@ def fit(args: TrainSpec, cfg: SDMConfig, card: DatasetCard) -> ray.train.Result:
             resources_per_worker={"CPU": args.cpus_per_worker, **({"GPU": 1} if args.use_gpu else {})},
         ),
         datasets={"train": make_train_dataset(args.data, card, cfg, args.seed)},
+        # Ray Data's defaults, given here: Ray Train's own default copies the deprecated `exclude_resources`
+        # into them, which warns in every run.
+        dataset_config=DataConfig(execution_options=ExecutionOptions()),
         run_config=run_config(args),
     )
     result = trainer.fit()
@@ -195,12 +220,23 @@ def run(args: TrainSpec) -> int:
         print(f"error: training failed: {integrity_failure(e) or e}", file=sys.stderr)
         return EXIT_FAILED
     metrics = result.metrics or {}
+    model_uri = storage.join(args.run, RUN_MODEL_DIR)
     print(
         f"done in {time.perf_counter() - start:.0f}s: step {metrics.get('step')}, loss {metrics.get('loss', float('nan')):.4f}; "
-        f"checkpoints under {args.run}, model exported to {storage.join(args.run, 'model')}"
+        f"checkpoints under {args.run}, model exported to {model_uri}"
     )
+    report = write_run_report(args.run, _settings(args, cfg), list(reversed(checkpoint_dirs(args.run))), model_uri)
+    print(f"report: {report}; curves: tensorboard --logdir {args.run}")
     print(f"sample from it: sdm sample --model {args.run} --labels LABEL.png --out samples/")
     return 0
+
+
+def _settings(args: TrainSpec, cfg: SDMConfig) -> dict[str, object]:
+    """What the report records of how the run was asked for (the fields given, and the config's name)."""
+    batch = args.batch_size or cfg.train.batch_size
+    given = {k: v for k, v in dataclasses.asdict(args).items() if v is not None and v is not False and v != () and k != "address"}
+    return {"config": cfg.name, **given, "global batch": f"{args.num_workers} x {batch} x {args.grad_accum}",
+            "validation every": args.validation_interval}
 
 
 if __name__ == "__main__":

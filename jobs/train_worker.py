@@ -15,6 +15,7 @@ import torch
 
 from jobs.specs import TrainSpec
 from jobs.train_data import TrainBatch
+from jobs.train_watch import Watch
 from sdm import storage
 from sdm.checkpoint import (
     EMA_FILE,
@@ -163,6 +164,7 @@ def _quiet_report_log() -> None:
 def train_worker(c: dict[str, Any]) -> None:
     """Ray Train entry point, run on every worker."""
     _quiet_report_log()
+    os.environ.update(c["tracking_env"])
     cfg = SDMConfig.from_dict(c["config"])
     a: TrainSpec = c["spec"]
     ctx = ray.train.get_context()
@@ -195,11 +197,12 @@ def train_worker(c: dict[str, Any]) -> None:
         dtype = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + grad scaler"}[autocast_dtype]
         print(f"{world} worker(s) x {torch.get_num_threads()} torch thread(s), {dtype}, {weights_layout(model)} weights", flush=True)
     diffusion = GaussianDiffusion.from_config(cfg.diffusion, cfg.model.learn_sigma)
+    watch = Watch(a, cfg, progress.step, device) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
     total, accum = a.steps, a.grad_accum
     gen = torch.Generator()
     collate, clock = TrainBatch(cfg, c["has_instance"]), WaitClock()
-    bad_in_row, kept, seen = 0, 0, 0
+    bad_in_row, skipped, kept, seen = 0, 0, 0, 0
     start, done_before = time.perf_counter(), progress.step
     window_start, window_images = time.perf_counter(), 0
 
@@ -217,7 +220,7 @@ def train_worker(c: dict[str, Any]) -> None:
             micro = []
             progress.batches_in_epoch += accum
             if not r.finite:
-                bad_in_row += 1
+                bad_in_row, skipped = bad_in_row + 1, skipped + 1
                 if rank == 0:
                     print(f"warning: non-finite loss or gradient at step {progress.step + 1}; update skipped")
                 if bad_in_row >= a.max_bad_steps:
@@ -232,6 +235,8 @@ def train_worker(c: dict[str, Any]) -> None:
             kept, seen = kept + r.kept_labels, seen + r.images
             window_images += r.images * world
             last = progress.step == total
+            if watch is not None and watch.wants_validation(progress.step):
+                watch.validate(progress.step, ema.module)
             if progress.step % a.log_every == 0 or last:
                 window = time.perf_counter() - window_start
                 ips, waiting = window_images / window, clock.take() / window
@@ -239,15 +244,19 @@ def train_worker(c: dict[str, Any]) -> None:
                 metrics = {
                     "step": progress.step, "epoch": progress.epoch, "loss": r.loss, "mse": r.mse, "vb": r.vb,
                     "grad_norm": r.grad_norm, "lr": lr, "images_per_s": ips, "data_wait_fraction": waiting,
-                    "label_drop_fraction": 1 - kept / max(seen, 1), **r.quarters,
+                    "label_drop_fraction": 1 - kept / max(seen, 1), "skipped_steps": skipped, **r.quarters,
                 }
-                if rank == 0:
-                    dropped = metrics["label_drop_fraction"] if finetune else None
-                    print(_log_line(progress.step, total, r, lr, ips, waiting, time.perf_counter() - start, done_before, dropped),
-                          flush=True)
-                _report(metrics, progress, net, ema, opt, scaler, cfg, rank, save=progress.step % a.checkpoint_every == 0 or last, run_uri=a.run)
+                if watch is not None:
+                    watch.scalars(progress.step, metrics)
+                    if watch.wants_line(progress.step):
+                        dropped = metrics["label_drop_fraction"] if finetune else None
+                        print(_log_line(progress.step, total, r, lr, ips, waiting, time.perf_counter() - start, done_before,
+                                        dropped), flush=True)
+                _report(metrics, progress, net, ema, opt, scaler, cfg, rank, save=progress.step % a.checkpoint_every == 0 or last,
+                        run_uri=a.run, watch=watch)
             elif progress.step % a.checkpoint_every == 0:
-                _report({"step": progress.step, "loss": r.loss}, progress, net, ema, opt, scaler, cfg, rank, save=True, run_uri=a.run)
+                _report({"step": progress.step, "loss": r.loss}, progress, net, ema, opt, scaler, cfg, rank, save=True, run_uri=a.run,
+                        watch=watch)
             if last:
                 break
         if a.audit_keys:
@@ -260,11 +269,14 @@ def train_worker(c: dict[str, Any]) -> None:
         model_uri = storage.join(a.run, RUN_MODEL_DIR)
         save_classes(model_uri, c["class_names"], c["palette"])
         save_model(model_uri, ema.module, cfg, metadata={"step": str(progress.step), "stage": progress.stage})
+        watch.close()
 
 
 def _report(metrics: dict[str, Any], progress: Progress, net, ema, opt, scaler, cfg: SDMConfig, rank: int, save: bool,
-            run_uri: str) -> None:
-    """Report metrics from every worker (a barrier); rank 0 attaches the checkpoint when saving.
+            run_uri: str, watch: Watch | None) -> None:
+    """Report metrics from every worker (a barrier); rank 0 attaches the checkpoint when saving, with the curves
+    published just before it (sdm.tracking: a resumed run purges what lies beyond its checkpoint) and MLflow's
+    scalars sent once it is saved.
 
     The checkpoint is uploaded through sdm.storage (each file one atomic, retried write; state.json last), not
     Ray Train's default copy: if the store fails it for good, report raises before the checkpoint is registered,
@@ -280,6 +292,7 @@ def _report(metrics: dict[str, Any], progress: Progress, net, ema, opt, scaler, 
         fs, path = storage.resolve(uri)
         return ray.train.Checkpoint(path, filesystem=fs)
 
+    watch.publish()
     with tempfile.TemporaryDirectory() as tmp:
         save_train_state(tmp, net, ema, opt, scaler, progress, cfg)
         ray.train.report(
@@ -288,6 +301,7 @@ def _report(metrics: dict[str, Any], progress: Progress, net, ema, opt, scaler, 
             checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{progress.step:08d}",
             checkpoint_upload_fn=upload,
         )
+    watch.commit()
 
 
 def _write_keys(run_uri: str, rank: int, epoch: int, keys: list[str]) -> None:

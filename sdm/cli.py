@@ -18,6 +18,7 @@ from sdm.cli_eval import add_eval_command
 from sdm.config import get_preset, list_presets
 from sdm.errors import EXIT_REFUSED, SDMError
 from sdm.inference import add_fast_path_args
+from sdm.progress import StageProgress
 from sdm.samplers import SAMPLERS
 from sdm.sampling import DEFAULT_MICRO_BATCH
 from sdm.unet import SDMUNet, count_parameters
@@ -53,12 +54,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     for i, uri in enumerate(args.labels):
         label = _read_id_png(uri)
         inst = _read_id_png(args.instances[i]) if args.instances else None
+        progress = StageProgress(Path(uri).name)
         images = pipe(
             label, instances=inst, guidance_scale=args.guidance, num_steps=args.steps, sampler=args.sampler, eta=args.eta,
-            seed=args.seed + i, num_samples=args.num_samples, cache_interval=args.cache_interval,
-            progress=lambda k, n: print(f"\r{Path(uri).name}: step {k}/{n}", end="", file=sys.stderr),
+            seed=args.seed + i, num_samples=args.num_samples, cache_interval=args.cache_interval, progress=progress,
         )
-        print(file=sys.stderr)
+        progress.close()
         for k, img in enumerate(images):
             Image.fromarray(img).save(out_dir / f"{Path(uri).stem}_{k}.png")
             written += 1

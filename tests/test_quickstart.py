@@ -1,9 +1,11 @@
 """The quick start as a newcomer runs it, twice (at a reduced size): the second run reuses every step the first
-one completed, changes no file, and ends with exit status 0."""
+one completed, changes no file, and ends with exit status 0; the console says what happens, and nothing of Ray's
+insides."""
 
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
 import sys
 import time
@@ -13,6 +15,9 @@ import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 REPO = Path(__file__).resolve().parent.parent
+# Ray Data's execution plans, any warning (Python's, Ray's, ours), error-level log lines (Python's and Ray's C++
+# `[... E pid tid]`), tracebacks, and carriage-return progress written to a log.
+NOISE = re.compile(r"execution plan|starting execution|warning|\berror\b|\[[^\]]* E \d+ \d+\]|traceback|\r", re.I)
 
 
 def _digests(root: Path) -> dict[str, str]:
@@ -32,6 +37,11 @@ def test_a_second_quickstart_reuses_everything_and_changes_no_file(tmp_path):
     first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
     t1 = time.monotonic()
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    console = first.stdout + first.stderr
+    assert not NOISE.findall(console), [line for line in console.splitlines() if NOISE.search(line)]
+    assert "validation at step 4:" in console and "consistency" in console
+    for stage in ("pretrain", "finetune"):
+        assert f"report: {out / stage / 'report.md'}" in console and (out / stage / "samples" / "step-2.png").exists()
     before = _digests(out)
     assert "finetune/model/model.safetensors" in before and "generated/dataset.json" in before
 

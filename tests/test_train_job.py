@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -12,12 +13,16 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from ray_session import ray_session
 from sdm import storage
 from sdm.checkpoint import load_model, load_progress
 from sdm.data.toy import write_toy_dataset
 from sdm.pipeline import SDMPipeline
+from sdm.run_report import REPORT_FILE
+from sdm.tracking import TRACKING_FILE, read_run_events
+from sdm.validation import Validator
 
 pytestmark = pytest.mark.ray
 
@@ -68,10 +73,12 @@ def _losses(text: str) -> list[float]:
     return [float(m) for m in re.findall(r"step \d+/\d+ loss ([0-9.]+)", text)]
 
 
-def test_pretrain_two_workers_learns_exports_and_splits_data(cluster, toy_data, tmp_path):
+def test_pretrain_two_workers_learns_exports_splits_data_and_logs_what_it_does(cluster, toy_data, tmp_path):
     run = str(tmp_path / "run")
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = _run(_job(cluster, "--data", toy_data, "--run", run, "--steps", "30", "--log-every", "5",
-                    "--checkpoint-every", "15", "--audit-keys", "--set", "train.lr=2e-3"))
+                    "--checkpoint-every", "15", "--audit-keys", "--set", "train.lr=2e-3", "--eval-every", "10",
+                    "--eval-maps", "2"), env={"MLFLOW_TRACKING_URI": mlflow_uri})
     text = out.stdout + out.stderr
     assert "global batch 16 = 2 workers x 8 per worker x 1 accumulation" in text
     # channels_last by default: read off the DDP-wrapped model's convolution weights inside the worker
@@ -89,15 +96,63 @@ def test_pretrain_two_workers_learns_exports_and_splits_data(cluster, toy_data, 
     pipe = SDMPipeline.from_pretrained(run, device="cpu")
     images = pipe(np.zeros((32, 32), dtype=np.int64), num_steps=3, seed=0)
     assert images.shape == (1, 32, 32, 3)
+    _assert_watchable(run, toy_data, out.stdout, mlflow_uri)
+
+
+def _assert_watchable(run: str, data: str, stdout: str, mlflow_uri: str) -> None:
+    """Every scalar of the step line at every log step, the validation draws, MLflow's copy, the report."""
+    scalars, images = read_run_events(run)
+    log_steps = [5, 10, 15, 20, 25, 30]
+    for tag in ("loss", "mse", "vb", "grad_norm", "lr", "images_per_s", "data_wait_fraction", "label_drop_fraction",
+                "skipped_steps"):
+        assert [s for s, _ in scalars[f"train/{tag}"]] == log_steps, tag
+    for q in range(4):  # a quarter of the timestep range is logged where the step's batch drew a timestep in it
+        assert set(s for s, _ in scalars[f"train/loss_q{q}"]) <= set(log_steps)
+    for tag in ("texture_ratio", "spectrum_db", "high_frequency_ratio"):
+        assert [s for s, _ in scalars[f"val/{tag}"]] == [10, 20, 30], tag
+    assert [s for s, _ in images["val/samples"]] == [10, 20, 30]
+    assert scalars["train/lr"][-1][1] == pytest.approx(2e-3) and scalars["train/skipped_steps"][-1][1] == 0
+    # the console line carries the same loss as the event file
+    assert f"step 30/30 loss {scalars['train/loss'][-1][1]:.4f}" in stdout or "step 30/30" not in stdout
+
+    # the sheet of step 30 is drawn again, byte for byte, from step 30's EMA weights (the exported model), as the
+    # worker held them (channels_last, one thread)
+    sheet = storage.read_bytes(f"{run}/samples/step-30.png")
+    assert [s for s, png in images["val/samples"] if png == sheet] == [30]
+    net, cfg = load_model(run)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        redrawn = Validator(data, cfg, num_maps=2, seed=0, guidance_scale=1.0).draw(
+            net.to(memory_format=torch.channels_last), step=30)
+    finally:
+        torch.set_num_threads(threads)
+    assert redrawn.sheet_png == sheet
+    assert dict(scalars["val/texture_ratio"])[30] == pytest.approx(redrawn.figures["texture_ratio"])
+
+    import mlflow.tracking
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=mlflow_uri)
+    run_id = json.loads(storage.read_bytes(f"{run}/{TRACKING_FILE}"))["mlflow_run_id"]
+    for tag in ("train/loss", "train/grad_norm", "val/spectrum_db"):
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, tag))
+        assert [s for s, _ in history] == [s for s, _ in scalars[tag]], tag
+        assert [v for _, v in history] == pytest.approx([v for _, v in scalars[tag]], rel=1e-6), tag
+    assert client.get_run(run_id).data.params["steps"] == "30"
+
+    report = storage.read_bytes(f"{run}/{REPORT_FILE}").decode()
+    assert all(f"samples/step-{s}.png" in report for s in (10, 20, 30)) and "curves.png" in report
+    assert f"report: {run}/{REPORT_FILE}" in stdout
 
 
 def test_finetune_drops_labels_at_the_configured_rate(cluster, toy_data, tmp_path):
     pre = str(tmp_path / "pre")
-    _run(_job(cluster, "--data", toy_data, "--run", pre, "--steps", "4", "--checkpoint-every", "4"))
+    _run(_job(cluster, "--data", toy_data, "--run", pre, "--steps", "4", "--checkpoint-every", "4", "--eval-maps", "1",
+              "--eval-every", "4"))
     ft = str(tmp_path / "ft")
     out = _run(_job(cluster, "--data", toy_data, "--run", ft, "--stage", "finetune", "--init-from", pre,
                     "--steps", "40", "--log-every", "40", "--checkpoint-every", "40", "--drop-rate", "0.25",
-                    "--no-channels-last"))
+                    "--no-channels-last", "--eval-every", "40", "--eval-maps", "1"))
     assert "2 worker(s) x 1 torch thread(s), fp32, contiguous weights" in out.stdout + out.stderr
     fraction = float(re.search(r"labels dropped ([0-9.]+)", out.stdout + out.stderr).group(1))
     # rank 0 saw 320 labels (binomial standard deviation 0.024); the draws are seeded, so this is reproducible
@@ -135,7 +190,8 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(clu
 
     run = str(tmp_path / "run")
     proc = subprocess.Popen(
-        _job(cluster, "--data", toy_data, "--run", run, "--steps", "40", "--checkpoint-every", "10", "--log-every", "10"),
+        _job(cluster, "--data", toy_data, "--run", run, "--steps", "40", "--checkpoint-every", "10", "--log-every", "10",
+             "--eval-every", "40", "--eval-maps", "1"),
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     lines: list[str] = []
@@ -163,7 +219,8 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(clu
 
 def test_rerunning_the_same_command_continues_from_the_last_step(cluster, toy_data, tmp_path):
     run = str(tmp_path / "run")
-    cmd = _job(cluster, "--data", toy_data, "--run", run, "--steps", "30", "--checkpoint-every", "5", "--log-every", "5")
+    cmd = _job(cluster, "--data", toy_data, "--run", run, "--steps", "30", "--checkpoint-every", "5", "--log-every", "1",
+               "--eval-every", "10", "--eval-maps", "1")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for(lambda: len(_checkpoints(run)) >= 2, 300, "two checkpoints")
@@ -178,6 +235,11 @@ def test_rerunning_the_same_command_continues_from_the_last_step(cluster, toy_da
     steps = [int(s) for s in re.findall(r"step (\d+)/30 loss", text)]
     assert steps and steps[0] > resumed  # no step is trained twice
     assert re.search(r"done in \d+s: step 30,", text)
+    # the curves go on from the checkpoint: the first attempt's steps beyond it are purged, none is missing
+    scalars, images = read_run_events(run)
+    assert [s for s, _ in scalars["train/loss"]] == list(range(1, 31))
+    assert [s for s, _ in images["val/samples"]] == [10, 20, 30]
+    assert all(s % 2 == 0 for s in steps[1:])  # a line per 5% of the run (2 steps), not one per log step
 
     # Run once more on the finished run: nothing is trained or exported again.
     weights = os.path.join(run, "model", "model.safetensors")

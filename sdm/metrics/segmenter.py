@@ -30,9 +30,11 @@ from sdm.data.preprocess import resize_sample
 from sdm.data.shards import iter_samples
 from sdm.errors import CheckpointError, InvalidInputError
 from sdm.metrics.miou import ConfusionMatrix
+from sdm.tracking import RunLogger
 
 SEGMENTER_CONFIG = "segmenter.json"
 SEGMENTER_WEIGHTS = "segmenter.safetensors"
+SEGMENTER_LOG_EVERY = 10  # steps between logged scalars
 
 
 @dataclass
@@ -196,7 +198,8 @@ def train_segmenter(data_uri: str, out_uri: str, steps: int = 400, batch_size: i
                     seed: int = 0, split: str = "train", max_samples: int | None = 4096,
                     log: Callable[[str], None] = print) -> Segmenter:
     """Train the built-in segmenter on a split of a shard dataset (flip augmentation, cross-entropy over the
-    dataset's class ids; other ids ignored), save it to out_uri, and return it loaded."""
+    dataset's class ids; other ids ignored), save it to out_uri, and return it loaded. Its loss and learning rate
+    are logged as a training run's are (sdm.tracking): TensorBoard under out_uri/tensorboard, MLflow when set."""
     card = read_card(data_uri)
     h, w = card_size(data_uri)
     images, labels = _load_split(data_uri, split, (h, w), max_samples)
@@ -208,6 +211,8 @@ def train_segmenter(data_uri: str, out_uri: str, steps: int = 400, batch_size: i
     x_all, y_all = _to_input(images), torch.from_numpy(labels).long()
     y_all[(y_all < 0) | (y_all >= card.num_classes)] = -100
     start = time.perf_counter()
+    tracker = RunLogger(out_uri, params={"kind": "segmenter", "data": data_uri, "steps": steps, "batch_size": batch_size,
+                                         "lr": lr, "width": width, "seed": seed, "split": split})
     for step in range(1, steps + 1):
         idx = torch.from_numpy(rng.integers(0, len(x_all), batch_size))
         x, y = x_all[idx], y_all[idx]
@@ -217,6 +222,8 @@ def train_segmenter(data_uri: str, out_uri: str, steps: int = 400, batch_size: i
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if step % SEGMENTER_LOG_EVERY == 0 or step == steps:
+            tracker.scalars(step, {"segmenter/loss": loss.item(), "segmenter/lr": sched.get_last_lr()[0]})
         sched.step()
         if step % 100 == 0 or step == steps:
             log(f"segmenter step {step}/{steps} loss {loss.item():.4f} ({time.perf_counter() - start:.0f}s)")
@@ -224,6 +231,7 @@ def train_segmenter(data_uri: str, out_uri: str, steps: int = 400, batch_size: i
     config = SegmenterConfig(card.num_classes, (h, w), width, list(card.class_names), {
         "dataset": data_uri, "card_sha256": card_sha, "split": split, "samples": len(images), "steps": steps,
         "batch_size": batch_size, "lr": lr, "seed": seed})
+    tracker.close()
     save_segmenter(out_uri, net.eval(), config)
     return load_builtin(out_uri)
 
