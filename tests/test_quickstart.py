@@ -18,6 +18,10 @@ REPO = Path(__file__).resolve().parent.parent
 # Ray Data's execution plans, any warning (Python's, Ray's, ours), error-level log lines (Python's and Ray's C++
 # `[... E pid tid]`), tracebacks, and carriage-return progress written to a log.
 NOISE = re.compile(r"execution plan|starting execution|warning|\berror\b|\[[^\]]* E \d+ \d+\]|traceback|\r", re.I)
+# Ray's one error-level line that is Ray's to fix: Ray Data hands every actor pool's workers their constructor
+# arguments through the object store, and Ray's core worker warns at each actor start that restarting such an actor
+# can fail (ray-project/ray#53727). Giving up actor restarts would silence it, and lose a lost node's generation.
+RAYS_OWN = "ray-project/ray/issues/53727"
 
 
 def _digests(root: Path) -> dict[str, str]:
@@ -38,7 +42,8 @@ def test_a_second_quickstart_reuses_everything_and_changes_no_file(tmp_path):
     t1 = time.monotonic()
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     console = first.stdout + first.stderr
-    assert not NOISE.findall(console), [line for line in console.splitlines() if NOISE.search(line)]
+    noise = [line for line in console.splitlines() if NOISE.search(line) and RAYS_OWN not in line]
+    assert not noise, noise
     assert "validation at step 4:" in console and "consistency" in console
     for stage in ("pretrain", "finetune"):
         assert f"report: {out / stage / 'report.md'}" in console and (out / stage / "samples" / "step-2.png").exists()
