@@ -278,6 +278,14 @@ def _paper_model(**kw: Any) -> ModelConfig:
     return ModelConfig(**kw)
 
 
+def _small_model(num_classes: int, size: int) -> ModelConfig:
+    """The network that 2 CPU cores train in minutes: 32 channels, (1, 2, 2), one block per level, attention at the
+    lowest resolution (a quarter of the image side), with instance edges."""
+    return ModelConfig(num_classes=num_classes, instance_edges=True, image_size=(size, size), model_channels=32,
+                       channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(size // 4,),
+                       num_head_channels=32, spade_hidden=32, norm_groups=8)
+
+
 _PRESETS: dict[str, SDMConfig] = {
     "ade20k": SDMConfig(
         name="ade20k",
@@ -306,18 +314,7 @@ _PRESETS: dict[str, SDMConfig] = {
     # Small enough to train for a few minutes on 2 CPU cores; matches the toy dataset (`sdm data toy`).
     "tiny": SDMConfig(
         name="tiny",
-        model=ModelConfig(
-            num_classes=6,
-            instance_edges=True,
-            image_size=(32, 32),
-            model_channels=32,
-            channel_mult=(1, 2, 2),
-            num_res_blocks=1,
-            attention_resolutions=(8,),
-            num_head_channels=32,
-            spade_hidden=32,
-            norm_groups=8,
-        ),
+        model=_small_model(num_classes=6, size=32),
         diffusion=DiffusionConfig(num_timesteps=1000, schedule="linear"),
         data=DataConfig(dataset="toy"),
         sampling=SamplingConfig(guidance_scale=1.5, sampler="ddim", eta=1.0, num_inference_steps=25),
@@ -327,18 +324,7 @@ _PRESETS: dict[str, SDMConfig] = {
     # minutes on 2 CPU cores (bench/world_benchmark.py).
     "scenes": SDMConfig(
         name="scenes",
-        model=ModelConfig(
-            num_classes=18,
-            instance_edges=True,
-            image_size=(48, 48),
-            model_channels=32,
-            channel_mult=(1, 2, 2),
-            num_res_blocks=1,
-            attention_resolutions=(12,),
-            num_head_channels=32,
-            spade_hidden=32,
-            norm_groups=8,
-        ),
+        model=_small_model(num_classes=18, size=48),
         diffusion=DiffusionConfig(num_timesteps=1000, schedule="linear"),
         data=DataConfig(dataset="scenes"),
         sampling=SamplingConfig(guidance_scale=1.5, sampler="ddim", eta=1.0, num_inference_steps=25),
