@@ -50,6 +50,19 @@ def own_memory_mib(pid: int) -> float | None:
     return int(fields["RssAnon"].split()[0]) / 1024
 
 
+def allocator_setting(pid: int) -> str:
+    """The glibc malloc settings a process started with (sdm.process_env.ALLOCATOR_ENV), as `KEY=VALUE ...`."""
+    from sdm.process_env import ALLOCATOR_ENV
+
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+    except OSError:
+        return "unknown (the process is gone)"
+    found = [f"{k}={env[k.encode()].decode()}" for k in ALLOCATOR_ENV if k.encode() in env]
+    return " ".join(found) or "glibc's defaults"
+
+
 def find_pids(title: str) -> list[int]:
     """Processes whose command line (Ray's process title) contains `title`, oldest first."""
     pids = []
@@ -74,6 +87,7 @@ class Trace:
     unit: str
     points: list[tuple[float, float]] = field(default_factory=list)
     warmup: float = 0.2
+    allocator: str = "unknown"  # allocator_setting() of the process
 
     def after_warmup(self) -> np.ndarray:
         pts = np.array(self.points, dtype=np.float64)
@@ -98,7 +112,7 @@ class Trace:
         pts = np.array(self.points)
         idx = np.unique(np.linspace(0, len(pts) - 1, rows).round().astype(int))
         lines = [f"{self.process}: memory (RssAnon) over {self.unit}, {len(pts)} samples, warm-up the first "
-                 f"{self.warmup:.0%}"]
+                 f"{self.warmup:.0%}; allocator: {self.allocator}"]
         lines += [f"  {pts[i, 0]:8.0f} {self.unit:9s} {pts[i, 1]:8.1f} MiB" for i in idx]
         pts_w = self.after_warmup()
         lines.append(f"  after warm-up: {pts_w[0, 1]:.1f} -> {pts_w[-1, 1]:.1f} MiB; growth {self.growth():+.2%} ({self.growth_mib():+.1f} MiB) "
@@ -145,6 +159,7 @@ def soak_serve(requests_total: int, block: int, sample_every: int, workdir: str,
         serve.run(build_app({"models": models, "max_models_per_replica": 2, "num_cpus": 0.5}), name=app, route_prefix=f"/{app}")
         url = f"http://127.0.0.1:{port}/{app}"
         (pid,) = find_pids(f"ServeReplica:{app}:SDMModel")
+        trace.allocator = allocator_setting(pid)
         switches = 0
         for i in range(requests_total):
             model = "abc"[(i // block) % 3]
@@ -191,6 +206,7 @@ def soak_training(steps: int, workdir: str, log_every: int = 5, timeout: float =
         pids = find_pids("RayTrainWorker") if m else []
         if pids and (mib := own_memory_mib(pids[-1])) is not None:
             trace.points.append((int(m.group(1)), mib))
+            trace.allocator = allocator_setting(pids[-1])
 
     rc = _stream_job([sys.executable, "-m", "jobs.train", "--preset", "tiny", "--data", data, "--run",
                       os.path.join(workdir, "run"), "--steps", str(steps), "--num-workers", "1", "--batch-size", "4",
@@ -210,6 +226,7 @@ def soak_generation(maps: int, workdir: str, interval_s: float = 0.5, timeout: f
     write_toy_dataset(labels, n=maps, size=32, seed=0, val_fraction=0.0)
     save_random_model(model, "tiny", seed=0)
     samples: list[tuple[float, float]] = []
+    allocator = ["unknown"]
     done = threading.Event()
 
     def poll() -> None:
@@ -218,6 +235,7 @@ def soak_generation(maps: int, workdir: str, interval_s: float = 0.5, timeout: f
             pids = find_pids("SampleBatch")
             if pids and (mib := own_memory_mib(pids[0])) is not None:
                 start = start if start is not None else time.perf_counter()
+                allocator[0] = allocator_setting(pids[0])
                 samples.append((time.perf_counter() - start, mib))
             time.sleep(interval_s)
 
@@ -232,7 +250,7 @@ def soak_generation(maps: int, workdir: str, interval_s: float = 0.5, timeout: f
     poller.join()
     if rc != 0:
         raise RuntimeError(f"the generation job failed ({rc}):\n{''.join(tail)}")
-    trace = Trace("generation actor", "seconds")
+    trace = Trace("generation actor", "seconds", allocator=allocator[0])
     end = samples[-1][0] if samples else 1.0
     trace.points = [(t, mib) for t, mib in samples if t < end]  # the last sample may be the actor's shutdown
     return trace

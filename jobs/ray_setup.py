@@ -18,6 +18,7 @@ from ray.data.datasource import Datasource, ReadTask
 from sdm.data.card import ShardInfo
 from sdm.data.shards import BASE_SCHEMA, read_shard_table
 from sdm.errors import ShardIntegrityError
+from sdm.process_env import set_allocator_env
 
 
 def init_ray(address: str | None, num_cpus: int | None = None, dashboard: bool = False) -> None:
@@ -39,6 +40,7 @@ def init_ray(address: str | None, num_cpus: int | None = None, dashboard: bool =
         # "the" cluster on the machine, and fail (with a traceback every second) when another one runs there too.
         port = _free_port()
         options.update(dashboard_port=port, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+    set_allocator_env()  # a cluster of our own: its workers start with it (a joined cluster's nodes set their own)
     context = ray.init(address="local", include_dashboard=dashboard, logging_level=logging.WARNING, **options)
     cpus = int(ray.cluster_resources().get("CPU", 0))
     where = f"; dashboard http://{context.dashboard_url}" if context.dashboard_url else ""

@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sdm.errors import InvalidInputError
 from sdm.imageio import encode_png
+from sdm.process_env import ALLOCATOR_ENV
 from serve.errors import ApiError
 from serve.inputs import Catalog, Job, Limits, parse_job, read_body
 from serve.metrics import ApiMetrics
@@ -108,7 +109,8 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
     delays = {"upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s}
     model = serve.deployment(
         name="SDMModel",
-        ray_actor_options={"num_gpus": a.num_gpus, "num_cpus": a.num_cpus},
+        # merged by Ray into the application's own runtime_env: the replica's process starts with the allocator setting
+        ray_actor_options={"num_gpus": a.num_gpus, "num_cpus": a.num_cpus, "runtime_env": {"env_vars": ALLOCATOR_ENV}},
         autoscaling_config={
             "min_replicas": a.min_replicas if a.min_replicas is not None else 1,
             "max_replicas": a.max_replicas or (8 if gpu else 1),

@@ -13,12 +13,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 
 from soak import soak_generation, soak_serve, soak_training  # noqa: E402
 
+from sdm.process_env import ALLOCATOR_ENV  # noqa: E402
+
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.soak]
 
 
 def _check(trace, bound_mib: float) -> None:
     print(trace.report())
     assert len(trace.after_warmup()) >= 10  # enough samples to see a trend
+    # the process started with the allocator setting that keeps it flat (bench/soak.py at full scale)
+    assert trace.allocator == " ".join(f"{k}={v}" for k, v in ALLOCATOR_ENV.items())
     assert trace.growth_mib() < bound_mib, trace.report()
 
 
