@@ -216,13 +216,17 @@ def soak_training(steps: int, workdir: str, log_every: int = 5, timeout: float =
     return trace
 
 
-def soak_generation(maps: int, workdir: str, interval_s: float = 0.5, timeout: float = 3600) -> Trace:
+def soak_generation(maps: int, workdir: str, interval_s: float = 0.5, timeout: float = 3600,
+                    shard_rows: int = 512) -> Trace:
     """The generation job over `maps` toy label maps; its sampling actor's memory every `interval_s`, over the
-    label maps' share of the run (time since the actor started, as the job streams them at an even rate)."""
+    label maps' share of the run (time since its first shard of `shard_rows` was written, as the job streams them
+    at an even rate). Before that the actor is starting (imports, the model loaded): start-up, not work."""
     from sdm.data.toy import write_toy_dataset
+    from sdm.generate import PROGRESS_DIR
     from sdm.testing import save_random_model
 
-    labels, model = os.path.join(workdir, "labels"), os.path.join(workdir, "model")
+    labels, model, out = (os.path.join(workdir, name) for name in ("labels", "model", "out"))
+    progress = os.path.join(out, PROGRESS_DIR)
     write_toy_dataset(labels, n=maps, size=32, seed=0, val_fraction=0.0)
     save_random_model(model, "tiny", seed=0)
     samples: list[tuple[float, float]] = []
@@ -233,8 +237,9 @@ def soak_generation(maps: int, workdir: str, interval_s: float = 0.5, timeout: f
         start = None
         while not done.is_set():
             pids = find_pids("SampleBatch")
-            if pids and (mib := own_memory_mib(pids[0])) is not None:
-                start = start if start is not None else time.perf_counter()
+            if start is None and os.path.isdir(progress) and os.listdir(progress):
+                start = time.perf_counter()
+            if start is not None and pids and (mib := own_memory_mib(pids[0])) is not None:
                 allocator[0] = allocator_setting(pids[0])
                 samples.append((time.perf_counter() - start, mib))
             time.sleep(interval_s)
@@ -242,9 +247,9 @@ def soak_generation(maps: int, workdir: str, interval_s: float = 0.5, timeout: f
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
     tail: list[str] = []
-    rc = _stream_job([sys.executable, "-m", "jobs.generate", "--model", model, "--labels", labels, "--out",
-                      os.path.join(workdir, "out"), "--sampler", "ddim", "--steps", "1", "--segmenter", "none",
-                      "--batch-size", "32", "--micro-batch", "32", "--shard-rows", "512"],
+    rc = _stream_job([sys.executable, "-m", "jobs.generate", "--model", model, "--labels", labels, "--out", out,
+                      "--sampler", "ddim", "--steps", "1", "--segmenter", "none",
+                      "--batch-size", "32", "--micro-batch", "32", "--shard-rows", str(shard_rows)],
                      lambda line: tail.__setitem__(slice(None), (tail + [line])[-30:]), timeout)
     done.set()
     poller.join()
