@@ -36,7 +36,7 @@ from flops import Peaks, sampling_flops_per_image, speed_columns
 from jobs.generate import main as generate
 from sdm.data.shards import decode_row, iter_rows
 from sdm.data.toy import write_toy_dataset
-from sdm.generate import sample_seed
+from sdm.generated_dataset import sample_seed
 from sdm.pipeline import SDMPipeline
 from sdm.testing import save_random_model
 

@@ -27,7 +27,8 @@ from sdm.device import autocast_dtype, training_precision
 from sdm.diffusion import GaussianDiffusion
 from sdm.inference import compile_net, prepare_net
 from sdm.samplers import make_denoiser
-from sdm.sampling import SampleRunner, SamplingParams, sample_seeds
+from sdm.runner import SampleRunner, SamplingParams
+from sdm.seeds import sample_seeds
 from sdm.testing import blocky_batches
 from sdm.training import make_optimizer, to_memory_format, train_step
 from sdm.unet import SDMUNet, count_parameters

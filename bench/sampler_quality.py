@@ -41,7 +41,8 @@ from sdm.metrics.segmenter import load_builtin, segment_scores
 from sdm.metrics.spectrum import SpectrumFeatures, spectral_fidelity
 from sdm.pipeline import SDMPipeline
 from sdm.samplers import DDIM, SAMPLERS, NoiseSource, make_denoiser, sample
-from sdm.sampling import sample_seeds, to_uint8
+from sdm.runner import to_uint8
+from sdm.seeds import sample_seeds
 
 REFERENCE = ("ddpm", 1000)
 

@@ -222,7 +222,7 @@ def soak_generation(maps: int, workdir: str, interval_s: float = 0.5, timeout: f
     label maps' share of the run (time since its first shard of `shard_rows` was written, as the job streams them
     at an even rate). Before that the actor is starting (imports, the model loaded): start-up, not work."""
     from sdm.data.toy import write_toy_dataset
-    from sdm.generate import PROGRESS_DIR
+    from sdm.generated_dataset import PROGRESS_DIR
     from sdm.testing import save_random_model
 
     labels, model, out = (os.path.join(workdir, name) for name in ("labels", "model", "out"))

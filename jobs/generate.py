@@ -42,7 +42,7 @@ from jobs.specs import GenerateSpec, from_namespace
 from sdm.errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, EXIT_REJECTS, DatasetError, InvalidInputError, SDMError, StorageError
 from sdm.data.layouts import layout_key, new_layout, partner_key
 from sdm.data.shards import iter_rows
-from sdm.generate import (
+from sdm.generated_dataset import (
     Draw,
     GenerationOutput,
     GenerationSettings,
@@ -65,7 +65,8 @@ from sdm.metrics.segmenter import SEGMENTER_CONFIG, SEGMENTER_WEIGHTS, is_builti
 from sdm.labels import default_palette
 from sdm.pipeline import SDMPipeline
 from sdm.samplers import SAMPLERS
-from sdm.sampling import DEFAULT_MICRO_BATCH, SamplingParams, derive_seed
+from sdm.runner import DEFAULT_MICRO_BATCH, SamplingParams
+from sdm.seeds import derive_seed
 
 # The scoring actors reserve no CPU: a fraction would leave the 1-CPU read and write tasks unschedulable next to a
 # 1-CPU sampler on a 2-CPU node (a deadlock); they run one thread each, a small net beside the sampler.

@@ -26,7 +26,7 @@ from sdm.data.shards import iter_samples
 from sdm.imageio import encode_png
 from sdm.data.toy import write_toy_dataset
 from sdm.errors import EXIT_REFUSED
-from sdm.generate import SETTINGS_FILE
+from sdm.generated_dataset import SETTINGS_FILE
 from sdm.metrics.evaluate import EvalSettings, builtin_segmenter, evaluate, summary
 from sdm.metrics.image_sets import open_set
 from sdm.pipeline import SDMPipeline

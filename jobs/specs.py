@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sdm import storage
-from sdm.sampling import DEFAULT_MICRO_BATCH
+from sdm.runner import DEFAULT_MICRO_BATCH
 
 Spec = TypeVar("Spec")
 

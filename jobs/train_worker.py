@@ -36,7 +36,7 @@ from sdm.diffusion import GaussianDiffusion
 from sdm.device import training_precision
 from sdm.errors import CheckpointError, StorageError
 from sdm.labels import encode_raw_labels
-from sdm.sampling import derive_seed
+from sdm.seeds import derive_seed
 
 from sdm.training import StepResult, make_ema, make_optimizer, to_memory_format, train_step, weights_layout
 from sdm.unet import SDMUNet

@@ -20,7 +20,7 @@ from sdm.errors import EXIT_REFUSED, SDMError
 from sdm.inference import add_fast_path_args
 from sdm.progress import StageProgress
 from sdm.samplers import SAMPLERS
-from sdm.sampling import DEFAULT_MICRO_BATCH
+from sdm.runner import DEFAULT_MICRO_BATCH
 from sdm.unet import SDMUNet, count_parameters
 
 

@@ -122,7 +122,7 @@ class SamplingConfig:
     eta: float = 1.0
 
     def validate(self, num_timesteps: int) -> None:
-        from sdm.sampling import SamplingParams  # sdm.sampling builds on this module
+        from sdm.runner import SamplingParams  # sdm.runner builds on this module
 
         try:
             SamplingParams.resolve(self, num_timesteps)

@@ -18,7 +18,8 @@ from sdm.imageio import ID_MODES
 from sdm.inference import compile_net, prepare_net
 from sdm.labels import label_input, raw_to_classes
 from sdm.samplers import Known
-from sdm.sampling import DEFAULT_MICRO_BATCH, Progress, SampleRunner, SamplingParams, sample_seeds
+from sdm.runner import DEFAULT_MICRO_BATCH, Progress, SampleRunner, SamplingParams
+from sdm.seeds import sample_seeds
 from sdm.unet import SDMUNet
 
 LabelLike = Union[np.ndarray, torch.Tensor, Image.Image]

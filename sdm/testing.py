@@ -14,7 +14,7 @@ from sdm.config import ModelConfig, SDMConfig, get_preset
 from sdm.data.card import read_card
 from sdm.data.shards import iter_samples
 from sdm.imageio import encode_png
-from sdm.generate import Draw, GenerationOutput, GenerationSettings, generated_row
+from sdm.generated_dataset import Draw, GenerationOutput, GenerationSettings, generated_row
 from sdm.labels import label_input
 from sdm.unet import SDMUNet
 

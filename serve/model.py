@@ -15,7 +15,8 @@ from ray import serve
 from sdm.errors import SDMError
 from sdm.pipeline import SDMPipeline, known_from_image
 from sdm.samplers import Known
-from sdm.sampling import SamplingParams, sample_seeds
+from sdm.runner import SamplingParams
+from sdm.seeds import sample_seeds
 from serve.inputs import Job
 from serve.metrics import ModelMetrics
 

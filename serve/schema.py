@@ -11,7 +11,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSche
 from pydantic_core import PydanticCustomError
 
 from sdm.samplers import SAMPLERS
-from sdm.sampling import MAX_CACHE_INTERVAL, MAX_GUIDANCE
+from sdm.runner import MAX_CACHE_INTERVAL, MAX_GUIDANCE
 
 MODEL_HEADER = "serve_multiplexed_model_id"  # Ray Serve's header naming the model of a request
 

@@ -12,7 +12,7 @@ import torch
 
 from sdm.diffusion import GaussianDiffusion
 from sdm.pipeline import SDMPipeline
-from sdm.sampling import derive_seed
+from sdm.seeds import derive_seed
 from sdm.testing import blocky_batches
 from sdm.training import make_optimizer, train_step, weights_layout
 from sdm.unet import SPADE, FeatureCache, SDMUNet

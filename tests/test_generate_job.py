@@ -28,7 +28,7 @@ from sdm.imageio import encode_png
 from sdm.metrics.consistency import score_pairs
 from sdm.metrics.segmenter import load_segmenter
 from sdm.data.toy import render_toy_sample, write_toy_dataset
-from sdm.generate import REJECTS_FILE, GenerationOutput, GenerationSettings, call_seed
+from sdm.generated_dataset import REJECTS_FILE, GenerationOutput, GenerationSettings, call_seed
 from sdm.pipeline import SDMPipeline
 
 pytestmark = pytest.mark.ray

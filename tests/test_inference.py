@@ -10,7 +10,7 @@ from sdm.config import get_preset
 from sdm.errors import InvalidInputError
 from sdm.pipeline import SDMPipeline
 from sdm.samplers import guided_output
-from sdm.sampling import derive_seed
+from sdm.seeds import derive_seed
 from sdm.testing import perturbed
 from sdm.unet import SPADE, FeatureCache, GroupNorm32, SDMUNet
 

@@ -13,7 +13,7 @@ from sdm.config import SDMConfig, get_preset, list_presets
 from sdm.errors import CheckpointError, ConfigError, InvalidInputError
 from sdm.labels import remap_raw_labels
 from sdm.pipeline import SDMPipeline
-from sdm.sampling import derive_seed
+from sdm.seeds import derive_seed
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import requests
 import torch
 
 from sdm.pipeline import SDMPipeline
-from sdm.sampling import derive_seed
+from sdm.seeds import derive_seed
 from hostile_corpus import load_corpus, multipart
 from serve_helpers import PALETTE, deploy, label_map, png, random_tiny_model, read_png, serve_cluster
 

@@ -19,7 +19,7 @@ from sdm.data.card import CARD_FILE, ShardInfo, read_card
 from sdm.data.shards import read_shard_table
 from sdm.data.toy import render_toy_image, write_toy_dataset
 from sdm.errors import EXIT_FAILED, EXIT_REJECTS, ShardIntegrityError
-from sdm.generate import REJECTS_FILE
+from sdm.generated_dataset import REJECTS_FILE
 from sdm.testing import write_painted_generation
 
 pytestmark = pytest.mark.ray

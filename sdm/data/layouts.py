@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from sdm.data.preprocess import resize_sample
-from sdm.sampling import derive_seed
+from sdm.seeds import derive_seed
 
 _MAX_INSTANCE_ID = 65535  # instance maps are stored as 16-bit PNGs
 

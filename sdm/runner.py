@@ -10,7 +10,6 @@ in micro-batches of their own.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -30,17 +29,6 @@ DEFAULT_MICRO_BATCH = 8
 MAX_CACHE_INTERVAL = 10  # deep features older than this many steps describe another noise level
 
 Progress = Callable[[int, int], None]
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed from any parts (base seed, key, sample index): stable across runs and machines."""
-    digest = hashlib.blake2b(":".join(str(p) for p in parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
-
-
-def sample_seeds(seed: int, n: int) -> list[int]:
-    """The seeds of samples 0..n-1 of a call with seed `seed`."""
-    return [derive_seed(seed, k) for k in range(n)]
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,8 @@ from sdm.imageio import decode_ids, encode_png
 from sdm.errors import DatasetError, InvalidInputError
 from sdm.labels import raw_to_classes
 from sdm.pipeline import SDMPipeline
-from sdm.sampling import SamplingParams, derive_seed
+from sdm.runner import SamplingParams
+from sdm.seeds import derive_seed
 
 SETTINGS_FILE = "generation.json"
 UNSCORED = {"segmenter": "none", "min_consistency": None, "max_retries": 0}
@@ -110,7 +111,7 @@ def call_seed(seed: int, source_key: str, attempt: int = 0) -> int:
 
 def sample_seed(seed: int, source_key: str, k: int, attempt: int = 0) -> int:
     """The noise seed of sample k of label map `source_key`."""
-    return derive_seed(call_seed(seed, source_key, attempt), k)  # sample k of that call: sdm.sampling.sample_seeds
+    return derive_seed(call_seed(seed, source_key, attempt), k)  # sample k of that call: sdm.seeds.sample_seeds
 
 
 def check_source_card(card: DatasetCard, source_uri: str, config: SDMConfig, model_uri: str) -> None:
