@@ -48,7 +48,7 @@ def bare_loop(pipe: SDMPipeline, samples: list[dict], args: argparse.Namespace) 
         part = samples[i : i + args.batch_size]
         x = pipe.prepare_labels([s["label"] for s in part], [s["instance"] for s in part])
         seeds = [sample_seed(args.seed, s["key"], 0) for s in part]
-        pipe.runner(x, seeds, pipe.params(args.guidance, args.steps, args.sampler))
+        pipe.runner(x, seeds, pipe.params(guidance_scale=args.guidance, num_inference_steps=args.steps, sampler=args.sampler))
     return time.perf_counter() - start
 
 
@@ -98,7 +98,7 @@ def main() -> None:
     ray.init(address="local", num_cpus=args.cpus + 1, include_dashboard=False, log_to_driver=False,
              _system_config={"worker_niceness": 0})
     ray.data.DataContext.get_current().enable_progress_bars = False
-    params = pipe.params(args.guidance, args.steps, args.sampler)
+    params = pipe.params(guidance_scale=args.guidance, num_inference_steps=args.steps, sampler=args.sampler)
     first = samples[: args.batch_size]
     flops_per_image = sampling_flops_per_image(
         pipe.runner, pipe.prepare_labels([s["label"] for s in first], [s["instance"] for s in first]), params

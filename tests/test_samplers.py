@@ -110,7 +110,7 @@ def memorised():
 @pytest.mark.parametrize("method,steps", [("ddpm", 1000), ("ddpm", 50), ("ddim", 50), ("dpm++", 20)])
 def test_memorised_pair_is_reproduced_by_every_sampler(memorised, method, steps):
     pipe, label, target = memorised
-    out = pipe(label, guidance_scale=1.0, num_steps=steps, sampler=method, seed=0, instances=label)
+    out = pipe(label, guidance_scale=1.0, num_inference_steps=steps, sampler=method, seed=0, instances=label)
     # A mid-grey image scores 10.3 dB against the target; measured after 250 steps: DDPM about 26 dB,
     # DDIM and DPM-Solver++ about 17.5 dB (deterministic samplers cannot correct the imperfect early eps).
     assert _psnr(np.full_like(target, 128), target) < 10.5
