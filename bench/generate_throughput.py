@@ -54,8 +54,8 @@ def bare_loop(pipe: SDMPipeline, samples: list[dict], args: argparse.Namespace) 
 
 def ray_job(model: str, labels: str, out: str, args: argparse.Namespace) -> float:
     """Seconds for the whole generation job (progress output swallowed)."""
-    argv = ["--model", model, "--labels", labels, "--out", out, "--sampler", args.sampler, "--steps", str(args.steps),
-            "--guidance", str(args.guidance), "--seed", str(args.seed), "--batch-size", str(args.batch_size),
+    argv = ["--model", model, "--labels", labels, "--out", out, "--sampler", args.sampler, "--num-inference-steps", str(args.steps),
+            "--guidance-scale", str(args.guidance), "--seed", str(args.seed), "--batch-size", str(args.batch_size),
             "--micro-batch", str(args.batch_size), "--shard-rows", str(4 * args.batch_size), "--segmenter", "none",
             "--concurrency", "1", "--cpus-per-worker", str(args.cpus)]
     start = time.perf_counter()
