@@ -62,7 +62,7 @@ _SAMPLING_HELP = {
     "sampler": "the sampler",
     "num_inference_steps": "denoising steps",
     "eta": "DDIM's eta",
-    "cache_interval": "recompute the deep U-Net features every K-th step only (1: every step)",
+    "cache_interval": "recompute the deep U-Net features every CACHE_INTERVAL-th step only (1: every step)",
 }
 DEPRECATED_SAMPLING_FLAGS = {"--guidance": "guidance_scale", "--steps": "num_inference_steps"}  # for one release
 
@@ -80,12 +80,12 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     hints = get_type_hints(SamplingParams)
     for f in fields(SamplingParams):
         hint = hints[f.name]
-        kind = {"choices": get_args(hint)} if get_origin(hint) is Literal else {"type": hint}
+        kind = {"choices": get_args(hint)} if get_origin(hint) is Literal else {"type": hint, "metavar": f.name.upper()}
         flag = "--" + f.name.replace("_", "-")
         p.add_argument(flag, dest=f"sampling.{f.name}", default=None, **kind,
-                       help=f"{_SAMPLING_HELP[f.name]} (default: the model's, {f.default!r} unless its config says)")
+                       help=f"{_SAMPLING_HELP[f.name]} (default: the model's)")
     for old, name in DEPRECATED_SAMPLING_FLAGS.items():
-        p.add_argument(old, dest=f"sampling.{name}", action=_DeprecatedFlag, type=hints[name],
+        p.add_argument(old, dest=f"sampling.{name}", action=_DeprecatedFlag, type=hints[name], metavar=name.upper(),
                        help=f"deprecated name of --{name.replace('_', '-')}")
 
 

@@ -229,3 +229,20 @@ def test_configs_stored_with_the_old_step_names_still_load():
     assert (cfg.sampling.num_inference_steps, cfg.diffusion.num_timesteps) == (40, 500)
     with pytest.raises(ConfigError, match="sampling steps must be an integer in \\[1, 500\\], got 600"):
         get_preset("tiny").with_overrides(["diffusion.num_timesteps=500", "sampling.num_inference_steps=600"])
+
+
+def test_the_deprecated_parameter_names_warn_and_draw_the_same_bytes(pipe, random_tiny_net, tiny_cfg):
+    new = pipe(_label(), num_inference_steps=2, seed=3, num_samples=2)
+    with pytest.warns(DeprecationWarning, match="'num_steps' is deprecated and will be removed; use 'num_inference_steps'"):
+        old = pipe(_label(), num_steps=2, seed=3, num_samples=2)
+    assert np.array_equal(old, new) and not np.array_equal(new, pipe(_label(), num_inference_steps=3, seed=3, num_samples=2))
+    image, mask = np.zeros((32, 32, 3), np.uint8), np.ones((32, 32), np.uint8)
+    with pytest.warns(DeprecationWarning, match="'num_steps'"):
+        assert np.array_equal(pipe.edit(image, mask, _label(), num_steps=2, seed=1), pipe.edit(image, mask, _label(), num_inference_steps=2, seed=1))
+    with pytest.warns(DeprecationWarning), pytest.raises(InvalidInputError, match="num_inference_steps and its deprecated name num_steps disagree"):
+        pipe(_label(), num_inference_steps=2, num_steps=3)
+    with pytest.warns(DeprecationWarning, match="'fast' is deprecated and will be removed; use 'fast_path'"):
+        eager_old = SDMPipeline(random_tiny_net, tiny_cfg, device="cpu", precision="fp32", fast=False)
+    eager = SDMPipeline(random_tiny_net, tiny_cfg, device="cpu", precision="fp32", fast_path=False)
+    assert eager_old.net is random_tiny_net and not eager_old.runner.label_cache and not eager.runner.label_cache
+    assert np.array_equal(eager_old(_label(), num_inference_steps=2, seed=3), eager(_label(), num_inference_steps=2, seed=3))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
 import json
 import math
@@ -18,8 +19,10 @@ from PIL import Image
 from starlette.requests import Request
 
 from hostile_corpus import load_corpus, multipart
+from sdm.config import SamplingParams
 from serve.errors import ApiError
 from serve.inputs import Catalog, Job, Limits, ModelInfo, parse_job, read_body
+from serve.schema import REQUESTS
 from serve_helpers import label_map, png, random_tiny_model
 
 LIMITS = Limits(max_body_bytes=1 << 20)
@@ -202,3 +205,25 @@ def test_the_schema_refuses_with_the_apis_codes_and_names_the_field(info, fields
     body = {k: v for k, v in ({"label": base64.b64encode(LABEL).decode()} | fields).items() if v is not None}
     refused = parse(info, "generate", "application/json", _json(body))
     assert isinstance(refused, ApiError) and refused.status == 400 and refused.code == code and text in refused.message, refused
+
+
+def test_steps_is_the_deprecated_name_of_num_inference_steps_and_gives_the_same_job(info):
+    schema = REQUESTS["generate"].model_json_schema()["properties"]
+    assert schema["steps"]["deprecated"] is True and "deprecated" not in schema["num_inference_steps"]
+    label = {"label": base64.b64encode(LABEL).decode(), "seed": 3}
+    new = parse(info, "generate", "application/json", _json(label | {"num_inference_steps": 7}))
+    old = parse(info, "generate", "application/json", _json(label | {"steps": 7}))
+    both = parse(info, "generate", "application/json", _json(label | {"steps": 7, "num_inference_steps": 7}))
+    assert new.sampling == old.sampling == both.sampling == dataclasses.replace(info.defaults, num_inference_steps=7)
+    clash = parse(info, "generate", "application/json", _json(label | {"steps": 7, "num_inference_steps": 8}))
+    assert (clash.status, clash.code) == (400, "invalid_parameter") and "disagree" in clash.message
+    for name in ("steps", "num_inference_steps"):  # the limit names the field the request used
+        too_many = parse(info, "generate", "application/json", _json(label | {name: info.max_steps + 1}))
+        assert too_many.message == f"{name} must be in [1, {info.max_steps}], got {info.max_steps + 1}"
+
+
+def test_a_job_carries_the_models_defaults_with_the_requests_parameters(info):
+    job = parse(info, "generate", "application/json", _json({"label": base64.b64encode(LABEL).decode(), "guidance_scale": 3.0,
+                                                              "sampler": "dpm++", "cache_interval": 2}))
+    assert job.sampling == SamplingParams(guidance_scale=3.0, sampler="dpm++", num_inference_steps=info.defaults.num_inference_steps,
+                                          eta=info.defaults.eta, cache_interval=2)
