@@ -1,6 +1,9 @@
-"""Plain dataclass configs with named presets, serialisable to JSON/YAML.
+"""Plain dataclass configs with named presets, serialisable to JSON/YAML, and the sampling parameters
+(`SamplingParams`, with the sampler names and limits).
 
-A config is stored next to every checkpoint, so a checkpoint alone says how to rebuild its model.
+A config is stored next to every checkpoint, so a checkpoint alone says how to rebuild its model. It carries its
+`format_version`; `upgrade_config` reads every older format, and each field is checked against its type. The
+config layer imports nothing of the library but its errors, so a config can be read without torch.
 """
 
 from __future__ import annotations
@@ -237,6 +240,15 @@ class SDMConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
+    def identity_json(self) -> str:
+        """What a model's id hashes (sdm.checkpoint.model_id): the config as format 1 stored it, so that a model
+        keeps its id across format versions; a field added since counts once it differs from its default."""
+        d = dataclasses.asdict(self)
+        for (section, key), default in _ADDED_SINCE_FORMAT_1.items():
+            if d[section][key] == default:
+                del d[section][key]
+        return json.dumps(d, indent=2, sort_keys=True)
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=True)
 
@@ -336,6 +348,7 @@ def upgrade_config(d: dict[str, Any]) -> dict[str, Any]:
 
 
 _CONFIG_UPGRADES = [_config_v1_to_v2]
+_ADDED_SINCE_FORMAT_1 = {("sampling", "cache_interval"): 1}  # (section, key): default
 FORMAT_VERSION = len(_CONFIG_UPGRADES) + 1  # of a stored config (SDMConfig.to_dict)
 
 

@@ -77,7 +77,7 @@ class ModelInfo:
             class_names=self.class_names,
             palette=self.palette,
             instance_map=self.instance_edges,
-            defaults=self.defaults,
+            defaults=self.defaults.to_dict(),
             samplers=list(SAMPLER_NAMES),
             limits={
                 "max_steps": self.max_steps,

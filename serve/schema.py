@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Annotated, Any, Literal
+import dataclasses
+from typing import Annotated, Any, Literal, get_type_hints
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, create_model, field_validator
 from pydantic_core import PydanticCustomError
 
 from sdm.config import MAX_CACHE_INTERVAL, MAX_GUIDANCE, SamplerName, SamplingParams
@@ -91,6 +92,13 @@ class Resolution(BaseModel):
     width: int
 
 
+SamplingDefaults = create_model(  # SamplingParams' fields, as a model's defaults
+    "SamplingDefaults",
+    __doc__="The model's sampling defaults: what a request's unset parameters take.",
+    **{f.name: (get_type_hints(SamplingParams)[f.name], ...) for f in dataclasses.fields(SamplingParams)},
+)
+
+
 class RequestLimits(BaseModel):
     max_steps: int
     max_samples: int
@@ -108,7 +116,7 @@ class ModelDescription(BaseModel):
     class_names: list[str]
     palette: list[tuple[int, int, int]]
     instance_map: bool
-    defaults: SamplingParams  # the model's config.sampling
+    defaults: SamplingDefaults  # type: ignore[valid-type]
     samplers: list[str]
     limits: RequestLimits
 

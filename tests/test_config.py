@@ -182,3 +182,13 @@ def test_generation_settings_of_format_1_are_upgraded_to_the_same_settings():
 def test_generation_settings_from_a_newer_format_are_refused():
     with pytest.raises(ConfigError, match="generation.json has format_version 3; this version of sdm reads formats 1 to 2"):
         GenerationSettings.from_dict({**V1_SETTINGS, "format_version": 3})
+
+
+def test_a_models_identity_is_its_format_1_config_so_model_ids_survive_the_format_change():
+    cfg = get_preset("tiny")
+    # the config bytes that model ids hashed before format versions, for the tiny preset
+    v1 = {k: v for k, v in cfg.to_dict().items() if k != "format_version"}
+    v1["sampling"] = {k: v for k, v in v1["sampling"].items() if k != "cache_interval"}
+    assert cfg.identity_json() == json.dumps(v1, indent=2, sort_keys=True)
+    changed = cfg.with_overrides(["sampling.cache_interval=2"])  # a field added since counts once it is set
+    assert json.loads(changed.identity_json())["sampling"]["cache_interval"] == 2

@@ -19,7 +19,7 @@ from PIL import Image
 from starlette.requests import Request
 
 from hostile_corpus import load_corpus, multipart
-from sdm.config import SamplingParams
+from sdm.config import SAMPLING_FIELDS, SamplingParams
 from serve.errors import ApiError
 from serve.inputs import Catalog, Job, Limits, ModelInfo, parse_job, read_body
 from serve.schema import REQUESTS
@@ -227,3 +227,10 @@ def test_a_job_carries_the_models_defaults_with_the_requests_parameters(info):
                                                               "sampler": "dpm++", "cache_interval": 2}))
     assert job.sampling == SamplingParams(guidance_scale=3.0, sampler="dpm++", num_inference_steps=info.defaults.num_inference_steps,
                                           eta=info.defaults.eta, cache_interval=2)
+
+
+def test_the_published_defaults_are_the_models_sampling_params_field_for_field(info):
+    defaults = info.describe("default", LIMITS).defaults
+    assert tuple(type(defaults).model_fields) == SAMPLING_FIELDS
+    assert defaults.model_dump() == info.defaults.to_dict() == {
+        "guidance_scale": 1.5, "sampler": "ddim", "num_inference_steps": 25, "eta": 1.0, "cache_interval": 1}
