@@ -397,7 +397,7 @@ def test_every_door_draws_the_same_bytes(cluster, url, model_dir, tmp_path, prec
         (labels / f"map{i}.png").write_bytes(png(label_map(seed=20 + i)))
     out = str(tmp_path / "generated")
     assert generate_job(["--model", model_dir, "--labels", str(labels), "--out", out, "--samples-per-label", "2",
-                         "--steps", str(STEPS), "--sampler", "dpm++sde", "--guidance", "2.0", "--seed", "5",
+                         "--num-inference-steps", str(STEPS), "--sampler", "dpm++sde", "--guidance-scale", "2.0", "--seed", "5",
                          "--precision", precision, "--batch-size", "4", "--cpus-per-worker", "0.25"]) == 0
     # After the job, whose read and write tasks take a whole CPU of this 2-CPU cluster.
     base = url if precision == "auto" else deploy(
@@ -408,14 +408,14 @@ def test_every_door_draws_the_same_bytes(cluster, url, model_dir, tmp_path, prec
     for row in rows[:3]:
         k, seed = row["sample_index"], row["seed"]
         label_png = (labels / f"{row['source_key']}.png").read_bytes()
-        params = {"steps": STEPS, "sampler": "dpm++sde", "guidance_scale": 2.0, "seed": seed, "num_samples": k + 1}
+        params = {"num_inference_steps": STEPS, "sampler": "dpm++sde", "guidance_scale": 2.0, "seed": seed, "num_samples": k + 1}
         direct = pipe(read_png(label_png), num_inference_steps=STEPS, sampler="dpm++sde", guidance_scale=2.0, seed=seed, num_samples=k + 1)
         served = requests.post(f"{base}/v1/generate", json={"label": base64.b64encode(label_png).decode(), **params},
                                headers={"Accept": "application/json"}, timeout=120)
         assert served.status_code == 200, served.text
         cli_out = tmp_path / f"cli-{row['key']}"
         assert sdm_cli(["sample", "--model", model_dir, "--labels", str(labels / f"{row['source_key']}.png"), "--out", str(cli_out),
-                        "--steps", str(STEPS), "--sampler", "dpm++sde", "--guidance", "2.0", "--seed", str(seed),
+                        "--num-inference-steps", str(STEPS), "--sampler", "dpm++sde", "--guidance-scale", "2.0", "--seed", str(seed),
                         "--num-samples", str(k + 1), "--precision", precision, "--device", "cpu"]) == 0
         job_image = read_png(row["image"])
         assert np.array_equal(direct[k], job_image)
