@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         # The filter's segmenter (it scores every pair) is the real-only one of the first seed: the N images only.
         trainer.result(subset, args.seeds[0])
         common = dict(model=model, labels=subset, segmenter=trainer.uri(subset, args.seeds[0]), seed=args.gen_seed,
-                      steps=args.sample_steps, cpus_per_worker=float(sampler_cpus), batch_size=16)
+                      sampling={"num_inference_steps": args.sample_steps}, cpus_per_worker=float(sampler_cpus), batch_size=16)
         sets = [GenSet("layouts", os.path.join(out, f"n{n}", "gen-layouts"), f"{L} per map", "-"),
                 GenSet("filtered", os.path.join(out, f"n{n}", "gen-layouts-filtered"), f"{L} per map", ""),
                 GenSet("source", os.path.join(out, f"n{n}", "gen-source"), "source maps only", "-")]

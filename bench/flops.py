@@ -28,7 +28,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sdm.config import ModelConfig
 from sdm.samplers import guided_output
-from sdm.runner import SampleRunner, SamplingParams
+from sdm.config import SamplingParams
+from sdm.runner import SampleRunner
 from sdm.seeds import sample_seeds
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -48,14 +48,14 @@ def bare_loop(pipe: SDMPipeline, samples: list[dict], args: argparse.Namespace) 
         part = samples[i : i + args.batch_size]
         x = pipe.prepare_labels([s["label"] for s in part], [s["instance"] for s in part])
         seeds = [sample_seed(args.seed, s["key"], 0) for s in part]
-        pipe.runner(x, seeds, pipe.params(args.guidance, args.steps, args.sampler))
+        pipe.runner(x, seeds, pipe.params(guidance_scale=args.guidance, num_inference_steps=args.steps, sampler=args.sampler))
     return time.perf_counter() - start
 
 
 def ray_job(model: str, labels: str, out: str, args: argparse.Namespace) -> float:
     """Seconds for the whole generation job (progress output swallowed)."""
-    argv = ["--model", model, "--labels", labels, "--out", out, "--sampler", args.sampler, "--steps", str(args.steps),
-            "--guidance", str(args.guidance), "--seed", str(args.seed), "--batch-size", str(args.batch_size),
+    argv = ["--model", model, "--labels", labels, "--out", out, "--sampler", args.sampler, "--num-inference-steps", str(args.steps),
+            "--guidance-scale", str(args.guidance), "--seed", str(args.seed), "--batch-size", str(args.batch_size),
             "--micro-batch", str(args.batch_size), "--shard-rows", str(4 * args.batch_size), "--segmenter", "none",
             "--concurrency", "1", "--cpus-per-worker", str(args.cpus)]
     start = time.perf_counter()
@@ -98,7 +98,7 @@ def main() -> None:
     ray.init(address="local", num_cpus=args.cpus + 1, include_dashboard=False, log_to_driver=False,
              _system_config={"worker_niceness": 0})
     ray.data.DataContext.get_current().enable_progress_bars = False
-    params = pipe.params(args.guidance, args.steps, args.sampler)
+    params = pipe.params(guidance_scale=args.guidance, num_inference_steps=args.steps, sampler=args.sampler)
     first = samples[: args.batch_size]
     flops_per_image = sampling_flops_per_image(
         pipe.runner, pipe.prepare_labels([s["label"] for s in first], [s["instance"] for s in first]), params

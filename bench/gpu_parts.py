@@ -27,7 +27,7 @@ from sdm.device import autocast_dtype, training_precision
 from sdm.diffusion import GaussianDiffusion
 from sdm.inference import compile_net, prepare_net
 from sdm.samplers import make_denoiser
-from sdm.runner import SampleRunner, SamplingParams
+from sdm.runner import SampleRunner
 from sdm.seeds import sample_seeds
 from sdm.testing import blocky_batches
 from sdm.training import make_optimizer, to_memory_format, train_step
@@ -173,7 +173,7 @@ def guided_step(rec: Recorder, device: torch.device, sizes: Sizes) -> None:
     peaks = Peaks(device)
     _run_info(rec, cfg, device, peaks)
     bf16 = torch.bfloat16
-    fast = prepare_net(net, device, bf16, fast=True)
+    fast = prepare_net(net, device, bf16, fast_path=True)
     rows = {}
     for name, model, dtype, cache in (("fp32 eager", net, None, False), ("bf16 eager", net, bf16, False),
                                       ("bf16 fast path", fast, bf16, False),
@@ -196,7 +196,7 @@ def compiled_step(rec: Recorder, device: torch.device, sizes: Sizes) -> None:
     scale = cfg.sampling.guidance_scale
     peaks = Peaks(device)
     _run_info(rec, cfg, device, peaks)
-    fast = prepare_net(net, device, torch.bfloat16, fast=True)
+    fast = prepare_net(net, device, torch.bfloat16, fast_path=True)
     eager, flops = _step_row(rec, "bf16 fast path + label cache", make_denoiser(
         fast, diffusion, label, scale, torch.bfloat16, label_cache=True), x, t, device, sizes, peaks("bf16"))
     compiled = make_denoiser(compile_net(fast, device), diffusion, label, scale, torch.bfloat16, label_cache=True)
@@ -215,8 +215,8 @@ def sampling(rec: Recorder, device: torch.device, sizes: Sizes) -> None:
     micro-batch that fits (doubling up to max_micro_batch)."""
     cfg, net, diffusion = _network(sizes, device)
     dtype = autocast_dtype(device, "auto")
-    fast = prepare_net(net, device, dtype, fast=True)
-    params = SamplingParams.resolve(cfg.sampling, diffusion.num_timesteps)
+    fast = prepare_net(net, device, dtype, fast_path=True)
+    params = cfg.resolve_sampling()
     one_step = dataclasses.replace(params, num_inference_steps=1)
     peaks = Peaks(device)
     _run_info(rec, cfg, device, peaks)

@@ -97,7 +97,7 @@ def score(pipe: SDMPipeline, maps: list[dict], k: int, guidance: float, sampler:
     """Sample k images per label map and score them (same seeds for every row)."""
     start = time.perf_counter()
     images = pipe([m["label"] for m in maps], instances=[m["instance"] for m in maps], guidance_scale=guidance,
-                  num_steps=steps, sampler=sampler, seed=seed, num_samples=k)
+                  num_inference_steps=steps, sampler=sampler, seed=seed, num_samples=k)
     seconds = time.perf_counter() - start
     labels = np.repeat(np.stack([m["label"] for m in maps]), k, axis=0)
     groups = {m["key"]: images[i * k : (i + 1) * k] for i, m in enumerate(maps)}

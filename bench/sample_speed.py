@@ -112,7 +112,7 @@ def main() -> None:
             images_s = args.batch / (sec * args.steps)
             achieved, share = speed_columns(image_flops, images_s, peaks(prec))
             print(f"{prec:<10}{mode:<10}{sec * 1e3:>10.1f}{images_s:>10.2f}{achieved:>10.1f}{share:>7.1f}%")
-        fast = prepare_net(net, device, dtype, fast=True)
+        fast = prepare_net(net, device, dtype, fast_path=True)
         run = sampling_run(fast, cfg, diffusion, args.batch, args.steps, dtype, True, device, label_cache=True)
         fast_image_flops = count_flops(run)[1] / args.batch
         sec = time_sampling(run, args.steps, args.repeats, device)

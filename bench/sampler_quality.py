@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     def draw(sampler: str, steps: int, eta: float, cache: int = 1) -> tuple[np.ndarray, float]:
         t0 = time.perf_counter()
         images = pipe([m["label"] for m in maps], instances=[m["instance"] for m in maps], guidance_scale=guidance,
-                      num_steps=steps, sampler=sampler, eta=eta, seed=args.seed, num_samples=args.k, cache_interval=cache)
+                      num_inference_steps=steps, sampler=sampler, eta=eta, seed=args.seed, num_samples=args.k, cache_interval=cache)
         return images, time.perf_counter() - t0
 
     settings = [(s, n, args.eta, 1) for s in args.samplers.split(",") for n in (int(v) for v in args.steps.split(","))]

@@ -93,12 +93,12 @@ def bench_http(url: str, label: bytes, steps: int, concurrency: int, requests_: 
 
 
 def bench_direct(pipe: SDMPipeline, label: np.ndarray, steps: int, concurrency: int, calls: int) -> tuple[list[float], float]:
-    pipe([label] * concurrency, num_steps=steps)  # warm-up
+    pipe([label] * concurrency, num_inference_steps=steps)  # warm-up
     latencies = []
     start = time.perf_counter()
     for i in range(calls):
         t = time.perf_counter()
-        pipe([label] * concurrency, num_steps=steps, seed=i)
+        pipe([label] * concurrency, num_inference_steps=steps, seed=i)
         latencies.append(time.perf_counter() - t)
     return latencies, time.perf_counter() - start
 
@@ -130,7 +130,7 @@ def main() -> None:
     label_png = _label_png(tuple(m.image_size), m.num_classes)
     label = np.array(Image.open(io.BytesIO(label_png)))
     flops_per_image = sampling_flops_per_image(
-        pipe.runner, pipe.prepare_labels([label] * pipe.runner.micro_batch), pipe.params(num_steps=args.steps)
+        pipe.runner, pipe.prepare_labels([label] * pipe.runner.micro_batch), pipe.params(num_inference_steps=args.steps)
     )
     peaks = Peaks(pipe.device)
     peak = peaks(pipe.dtype)
@@ -161,7 +161,7 @@ def main() -> None:
             paired: dict[str, list[float]] = {"direct": [], **{mode: [] for mode in modes}}
             for i in range(17):  # round 0 warms up
                 t = time.perf_counter()
-                pipe(label, num_steps=args.steps, seed=i)
+                pipe(label, num_inference_steps=args.steps, seed=i)
                 times = {"direct": time.perf_counter() - t}
                 times |= {mode: _post(f"http://127.0.0.1:{port}/{mode.split()[1]}", label_png, args.steps, i)[0] for mode in modes}
                 for mode, t in times.items():

@@ -13,9 +13,9 @@ Timed: the network part of one guided step of `batch` images, guidance 1.5, cond
 null label is sdm.labels.null_label: zeros). Rows, each best of --repeats after a warm-up, run round-robin so
 drift on a shared machine hits all rows alike:
   original            fp32, two forward passes of `batch` (cond, then uncond), as its gaussian_diffusion does
-  project fp32        eager contiguous (prepare_net fast=False), cond + null batched in one forward
+  project fp32        eager contiguous (prepare_net fast_path=False), cond + null batched in one forward
   project bf16        the same under bf16 autocast
-  fast fp32           prepare_net(fast=True): channels_last
+  fast fp32           prepare_net(fast_path=True): channels_last
   fast bf16           channels_last + bf16-held conv/linear weights under bf16 autocast
   + label cache       and the SPADE modulations computed once per sampling run of --steps steps (SDMUNet.modulations),
                       that one-off cost spread over the steps: the default path
@@ -124,7 +124,7 @@ def main() -> None:
     orig = original_model(create_model, cfg)
     orig.load_state_dict(to_official(net), strict=True)
     orig = orig.to(device).eval()
-    net = prepare_net(net, device, None, fast=False)  # the eager contiguous network, fp32
+    net = prepare_net(net, device, None, fast_path=False)  # the eager contiguous network, fp32
 
     h, w = cfg.image_size
     g = torch.Generator().manual_seed(1234)
@@ -166,8 +166,8 @@ def main() -> None:
     print(TARGETS + "\n")
 
     bf16 = torch.bfloat16
-    fast32 = prepare_net(net, device, None, fast=True)
-    fast16 = prepare_net(net, device, bf16, fast=True)
+    fast32 = prepare_net(net, device, None, fast_path=True)
+    fast16 = prepare_net(net, device, bf16, fast_path=True)
 
     def project(model: torch.nn.Module, dtype: torch.dtype | None) -> Callable[[], torch.Tensor]:
         def step() -> torch.Tensor:

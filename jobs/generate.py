@@ -36,7 +36,7 @@ from sdm import checkpoint, storage
 from sdm.config import SDMConfig
 from sdm.data.card import CARD_FILE, DatasetCard, ShardInfo, read_card
 from sdm.imageio import decode_ids, encode_png
-from sdm.inference import add_fast_path_args
+from sdm.inference import add_fast_path_args, add_sampling_args
 from jobs.ray_setup import actor_pool, init_ray, parse_concurrency, read_shards
 from jobs.specs import GenerateSpec, from_namespace
 from sdm.errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, EXIT_REJECTS, DatasetError, InvalidInputError, SDMError, StorageError
@@ -64,8 +64,7 @@ from sdm.metrics.image_sets import open_set
 from sdm.metrics.segmenter import SEGMENTER_CONFIG, SEGMENTER_WEIGHTS, is_builtin, load_segmenter
 from sdm.labels import default_palette
 from sdm.pipeline import SDMPipeline
-from sdm.samplers import SAMPLERS
-from sdm.runner import DEFAULT_MICRO_BATCH, SamplingParams
+from sdm.runner import DEFAULT_MICRO_BATCH
 from sdm.seeds import derive_seed
 
 # The scoring actors reserve no CPU: a fraction would leave the 1-CPU read and write tasks unschedulable next to a
@@ -82,12 +81,7 @@ def parse_args(argv: list[str] | None = None) -> GenerateSpec:
     p.add_argument("--format", choices=["shards", "folder"], default="shards",
                    help="folder: also images/<key>_<k>.png and labels/<key>_<k>.png")
     p.add_argument("--samples-per-label", type=int, default=1, metavar="K")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
-    p.add_argument("--sampler", choices=SAMPLERS, help="default: the model's")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
-    p.add_argument("--eta", type=float, help="DDIM eta (default: the model's)")
-    p.add_argument("--cache-interval", type=int, metavar="K",
-                   help="recompute the deep U-Net features every K-th step only (default 1: every step)")
+    add_sampling_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16, help="rows per call of a sampling actor")
     p.add_argument("--micro-batch", type=int, default=DEFAULT_MICRO_BATCH,
@@ -249,15 +243,12 @@ def _new_layouts(src: LabelSource, cfg: SDMConfig, args: GenerateSpec) -> list[d
 def plan_job(args: GenerateSpec) -> Plan:
     """Everything that can refuse the job, checked before any worker starts."""
     _, cfg = checkpoint.load_model(args.model)  # the weights must load and fit their config
-    params = SamplingParams.resolve(cfg.sampling, cfg.diffusion.num_timesteps, args.guidance, args.steps, args.sampler, args.eta,
-                                    args.cache_interval)
+    params = cfg.resolve_sampling(**args.sampling)
     _check_numbers(args)
     source = _label_source(args, cfg)
     segmenter, segmenter_data = _segmenter_choice(args, source, cfg)
     settings = GenerationSettings(
-        model_id=checkpoint.model_id(args.model), sampler=params.sampler, steps=params.num_inference_steps,
-        guidance=float(params.guidance_scale), seed=args.seed, eta=float(params.eta), cache_interval=params.cache_interval,
-        micro_batch=args.micro_batch,
+        model_id=checkpoint.model_id(args.model), sampling=params, seed=args.seed, micro_batch=args.micro_batch,
         precision=args.precision, fast_path=args.fast_path, compile=args.compile, output_format=args.format,
         segmenter=segmenter, min_consistency=args.min_consistency, max_retries=args.max_retries,
     )
@@ -311,9 +302,9 @@ class SampleBatch:
     """A sampling actor: loads the model once, then fills in images for batches of rows."""
 
     def __init__(self, model_uri: str, settings: dict[str, Any]):
-        self.settings = GenerationSettings(**settings)
+        self.settings = GenerationSettings.from_dict(settings)
         s = self.settings
-        self.pipe = SDMPipeline.from_pretrained(model_uri, precision=s.precision, micro_batch=s.micro_batch, fast=s.fast_path,
+        self.pipe = SDMPipeline.from_pretrained(model_uri, precision=s.precision, micro_batch=s.micro_batch, fast_path=s.fast_path,
                                                 compile=s.compile)
         if s.compile:
             self.pipe.warm_up()  # compiled before the first batch arrives
@@ -358,7 +349,7 @@ def _draw(batch: dict[str, np.ndarray], i: int) -> Draw:
 def _write(batch: dict[str, np.ndarray], out_uri: str, settings: dict[str, Any]) -> dict[str, list[str]]:
     """Encode and publish the batch's kept rows as shards; returns one record per shard, per reject, and per pair
     below the consistency threshold that has a redraw left."""
-    s = GenerationSettings(**settings)
+    s = GenerationSettings.from_dict(settings)
     rows, records = [], []
     for i, reason in enumerate(batch["reject"]):
         key, split = str(batch["source_key"][i]), str(batch["split"][i])

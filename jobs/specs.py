@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from sdm import storage
+from sdm.inference import sampling_overrides
 from sdm.runner import DEFAULT_MICRO_BATCH
 
 Spec = TypeVar("Spec")
@@ -22,9 +23,11 @@ def _absolute(spec: Any, *names: str) -> None:
 
 
 def from_namespace(cls: type[Spec], args: argparse.Namespace) -> Spec:
-    """A spec from parsed arguments whose destinations are its field names."""
+    """A spec from parsed arguments whose destinations are its field names; `sampling` from the flags of
+    sdm.inference.add_sampling_args."""
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in vars(args).items() if k in names})
+    extra = {"sampling": sampling_overrides(args)} if "sampling" in names else {}
+    return cls(**{k: v for k, v in vars(args).items() if k in names}, **extra)
 
 
 @dataclass(frozen=True)
@@ -86,11 +89,7 @@ class GenerateSpec:
     split: str | None = None
     format: str = "shards"
     samples_per_label: int = 1
-    guidance: float | None = None
-    sampler: str | None = None
-    steps: int | None = None  # sampling steps; default: the model's
-    eta: float | None = None
-    cache_interval: int | None = None  # sdm.unet.FeatureCache; default 1 (off)
+    sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams overrides; the rest: the model's defaults
     seed: int = 0
     batch_size: int = 16
     micro_batch: int = DEFAULT_MICRO_BATCH

@@ -1,6 +1,6 @@
 """SDM: semantic image synthesis with diffusion models. The library; it never imports ray."""
 
-from sdm.config import SDMConfig, get_preset, list_presets
+from sdm.config import SamplingParams, SDMConfig, get_preset, list_presets
 from sdm.errors import (
     CheckpointError,
     ConfigError,
@@ -12,6 +12,7 @@ from sdm.errors import (
 
 __all__ = [
     "SDMConfig",
+    "SamplingParams",
     "get_preset",
     "list_presets",
     "SDMError",

@@ -95,7 +95,7 @@ def model_id(uri: str) -> str:
     to the next, so re-exporting the same weights must not make a new model."""
     config = load_config(uri)
     state = load_state_dict(uri)
-    h = hashlib.sha256(config.to_json().encode())
+    h = hashlib.sha256(config.identity_json().encode())
     for name in sorted(state):
         t = state[name].contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())

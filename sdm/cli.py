@@ -17,9 +17,8 @@ from sdm.cli_data import add_data_commands
 from sdm.cli_eval import add_eval_command
 from sdm.config import get_preset, list_presets
 from sdm.errors import EXIT_REFUSED, SDMError
-from sdm.inference import add_fast_path_args
+from sdm.inference import add_fast_path_args, add_sampling_args, sampling_overrides
 from sdm.progress import StageProgress
-from sdm.samplers import SAMPLERS
 from sdm.runner import DEFAULT_MICRO_BATCH
 from sdm.unet import SDMUNet, count_parameters
 
@@ -44,7 +43,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from sdm.pipeline import SDMPipeline
 
     pipe = SDMPipeline.from_pretrained(args.model, device=args.device, precision=args.precision, micro_batch=args.micro_batch,
-                                       fast=args.fast_path, compile=args.compile)
+                                       fast_path=args.fast_path, compile=args.compile)
     if args.compile:
         pipe.warm_up()  # compile before the clock starts
     out_dir = Path(args.out)
@@ -55,10 +54,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         label = _read_id_png(uri)
         inst = _read_id_png(args.instances[i]) if args.instances else None
         progress = StageProgress(Path(uri).name)
-        images = pipe(
-            label, instances=inst, guidance_scale=args.guidance, num_steps=args.steps, sampler=args.sampler, eta=args.eta,
-            seed=args.seed + i, num_samples=args.num_samples, cache_interval=args.cache_interval, progress=progress,
-        )
+        images = pipe(label, instances=inst, seed=args.seed + i, num_samples=args.num_samples, progress=progress,
+                      **sampling_overrides(args))
         progress.close()
         for k, img in enumerate(images):
             Image.fromarray(img).save(out_dir / f"{Path(uri).stem}_{k}.png")
@@ -80,12 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", nargs="+", required=True, help="label-map PNGs of class ids")
     p.add_argument("--instances", nargs="*", help="instance-map PNGs, one per label map")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale s")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: the model's")
-    p.add_argument("--eta", type=float, default=None, help="DDIM's eta (default: the model's)")
-    p.add_argument("--cache-interval", type=int, default=None, metavar="K",
-                   help="recompute the deep U-Net features every K-th step only (default 1: every step)")
+    add_sampling_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--device", default=None)

@@ -2,7 +2,7 @@
 
     from sdm.client import SDMClient
     client = SDMClient("http://127.0.0.1:8000", token=None)
-    images = client.generate(label_ids, guidance_scale=1.5, num_steps=25, seed=7, num_samples=2)  # uint8 [2, H, W, 3]
+    images = client.generate(label_ids, guidance_scale=1.5, num_inference_steps=25, seed=7, num_samples=2)  # uint8 [2, H, W, 3]
     client.models()  # the served models; generate(..., model="ade20k") picks one
 
 Sample k of a call equals sample k of `SDMPipeline.__call__` with the same label map, parameters and seed. A 503
@@ -20,6 +20,7 @@ from typing import Any, Union
 import numpy as np
 import requests
 
+from sdm.config import renamed
 from sdm.errors import SDMError
 from sdm.imageio import decode_image, encode_png
 
@@ -59,24 +60,28 @@ class SDMClient:
         return self._request("GET", "/v1/model", params={"model": name} if name else None).json()
 
     def generate(self, label: ImageLike, instance: ImageLike | None = None, guidance_scale: float | None = None,
-                 num_steps: int | None = None, sampler: str | None = None, seed: int = 0,
-                 num_samples: int = 1, model: str | None = None, cache_interval: int | None = None) -> np.ndarray:
+                 num_inference_steps: int | None = None, sampler: str | None = None, seed: int = 0,
+                 num_samples: int = 1, model: str | None = None, cache_interval: int | None = None, *,
+                 num_steps: int | None = None) -> np.ndarray:
         """Images for one label map (ids, or colours of the model's palette): uint8 [num_samples, H, W, 3].
-        Unset parameters take the model's defaults; `model` names a served model (unset: the default one)."""
+        Unset parameters take the model's defaults; `model` names a served model (unset: the default one).
+        `num_steps` is the deprecated name of `num_inference_steps`."""
         files = {"label": label, "instance": instance}
         return self._images("/v1/generate", files, {
-            "guidance_scale": guidance_scale, "steps": num_steps, "sampler": sampler, "seed": seed,
-            "num_samples": num_samples, "model": model, "cache_interval": cache_interval})
+            "guidance_scale": guidance_scale, "sampler": sampler, "seed": seed, "num_samples": num_samples, "model": model,
+            "cache_interval": cache_interval,
+            "num_inference_steps": renamed(num_inference_steps, num_steps, "num_steps", "num_inference_steps")})
 
     def edit(self, image: ImageLike, mask: ImageLike, label: ImageLike, instance: ImageLike | None = None,
-             guidance_scale: float | None = None, num_steps: int | None = None, sampler: str | None = None,
+             guidance_scale: float | None = None, num_inference_steps: int | None = None, sampler: str | None = None,
              seed: int = 0, num_samples: int = 1, model: str | None = None,
-             cache_interval: int | None = None) -> np.ndarray:
+             cache_interval: int | None = None, *, num_steps: int | None = None) -> np.ndarray:
         """The image with the region where `mask` is nonzero regenerated from the (edited) label map."""
         files = {"image": image, "mask": mask, "label": label, "instance": instance}
         return self._images("/v1/edit", files, {
-            "guidance_scale": guidance_scale, "steps": num_steps, "sampler": sampler, "seed": seed,
-            "num_samples": num_samples, "model": model, "cache_interval": cache_interval})
+            "guidance_scale": guidance_scale, "sampler": sampler, "seed": seed, "num_samples": num_samples, "model": model,
+            "cache_interval": cache_interval,
+            "num_inference_steps": renamed(num_inference_steps, num_steps, "num_steps", "num_inference_steps")})
 
     def _images(self, path: str, files: dict[str, ImageLike | None], params: dict[str, Any]) -> np.ndarray:
         body = {k: v for k, v in params.items() if v is not None}

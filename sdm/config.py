@@ -1,14 +1,21 @@
-"""Plain dataclass configs with named presets, serialisable to JSON/YAML.
+"""Plain dataclass configs with named presets, serialisable to JSON/YAML, and the sampling parameters
+(`SamplingParams`, with the sampler names and limits).
 
-A config is stored next to every checkpoint, so a checkpoint alone says how to rebuild its model.
+A config is stored next to every checkpoint, so a checkpoint alone says how to rebuild its model. It carries its
+`format_version`; `upgrade_config` reads every older format, and each field is checked against its type. The
+config layer imports nothing of the library but its errors, so a config can be read without torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -16,6 +23,11 @@ from sdm.errors import ConfigError, InvalidInputError
 
 Conditioning = Literal["spade", "concat"]
 Schedule = Literal["linear", "cosine"]
+SamplerName = Literal["ddpm", "ddim", "dpm++", "dpm++sde"]  # sdm.samplers keys its registry by these
+SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)
+
+MAX_GUIDANCE = 100.0  # far beyond any useful scale; larger values only overflow into noise
+MAX_CACHE_INTERVAL = 10  # deep features older than this many steps describe another noise level
 
 
 @dataclass
@@ -107,9 +119,25 @@ class DataConfig:
     random_crop: bool = False
 
 
-@dataclass
-class SamplingConfig:
-    """Defaults for generation; every call may override them.
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_guidance(g: Any) -> None:
+    """A classifier-free guidance scale: SamplingParams' own, and each row's where rows carry their own."""
+    if not _is_number(g) or not 0 <= g <= MAX_GUIDANCE:
+        raise InvalidInputError(f"guidance_scale must be a number in [0, {MAX_GUIDANCE:g}], got {g!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """How to sample, every field filled and valid: a model's defaults (`SDMConfig.sampling`), and what a call
+    resolves from them (`SDMConfig.resolve_sampling`). Valid on construction (InvalidInputError names the field),
+    except the steps' upper bound, the model's number of diffusion steps, which the config checks.
 
     DDIM with eta = 1 is ancestral sampling with the posterior variance on respaced steps: its fresh noise keeps
     the grain that deterministic samplers (eta = 0, DPM-Solver++) build up from the model's misses at low noise
@@ -117,17 +145,55 @@ class SamplingConfig:
     """
 
     guidance_scale: float = 1.5
-    sampler: str = "ddim"
+    sampler: SamplerName = "ddim"
     num_inference_steps: int = 50
-    eta: float = 1.0
+    eta: float = 1.0  # DDIM's; the other samplers ignore it
+    cache_interval: int = 1  # k > 1: the deep features are recomputed every k-th step only (sdm.unet.FeatureCache)
 
-    def validate(self, num_timesteps: int) -> None:
-        from sdm.runner import SamplingParams  # sdm.runner builds on this module
+    def __post_init__(self) -> None:
+        check_guidance(self.guidance_scale)
+        if self.sampler not in SAMPLER_NAMES:
+            raise InvalidInputError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}")
+        n = self.num_inference_steps
+        if not _is_int(n) or n < 1:
+            raise InvalidInputError(f"sampling steps must be an integer >= 1, got {n!r}")
+        if not _is_number(self.eta) or not 0 <= self.eta <= 1:
+            raise InvalidInputError(f"eta must be a number in [0, 1], got {self.eta!r}")
+        k = self.cache_interval
+        if not _is_int(k) or not 1 <= k <= MAX_CACHE_INTERVAL:
+            raise InvalidInputError(
+                f"cache_interval must be an integer in [1, {MAX_CACHE_INTERVAL}] (1: no feature cache), got {k!r}")
 
-        try:
-            SamplingParams.resolve(self, num_timesteps)
-        except InvalidInputError as e:
-            raise ConfigError(f"sampling: {e}") from None
+    def resolve(self, **overrides: Any) -> "SamplingParams":
+        """A validated copy with the overrides that are not None applied."""
+        unknown = sorted(set(overrides) - set(SAMPLING_FIELDS))
+        if unknown:
+            raise InvalidInputError(f"unknown sampling parameters {unknown}; known: {', '.join(SAMPLING_FIELDS)}")
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def check_steps(self, num_timesteps: int) -> "SamplingParams":
+        """Itself, when a process of `num_timesteps` diffusion steps can be sampled in its steps."""
+        n = self.num_inference_steps
+        if n > num_timesteps:
+            raise InvalidInputError(f"sampling steps must be an integer in [1, {num_timesteps}], got {n!r}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SAMPLING_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(SamplingParams))
+
+
+def renamed(new_value: Any, old_value: Any, old: str, new: str) -> Any:
+    """A parameter given by its name or, for one release, by its deprecated old name (with a DeprecationWarning,
+    pointing at the caller's caller: the user of the door that took it)."""
+    if old_value is None:
+        return new_value
+    warnings.warn(f"{old!r} is deprecated and will be removed; use {new!r}", DeprecationWarning, stacklevel=3)
+    if new_value is not None and new_value != old_value:
+        raise InvalidInputError(f"{new} and its deprecated name {old} disagree ({new_value!r} and {old_value!r}); give {new}")
+    return old_value
 
 
 @dataclass
@@ -151,35 +217,55 @@ class SDMConfig:
     model: ModelConfig
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> "SDMConfig":
         self.model.validate()
         self.diffusion.validate()
-        self.sampling.validate(self.diffusion.num_timesteps)
+        try:
+            self.sampling.check_steps(self.diffusion.num_timesteps)
+        except InvalidInputError as e:
+            raise ConfigError(f"sampling: {e}") from None
         return self
 
+    def resolve_sampling(self, **overrides: Any) -> SamplingParams:
+        """The model's sampling defaults with a call's overrides (None: the default) applied, validated against
+        this model (InvalidInputError names the first bad parameter)."""
+        return self.sampling.resolve(**overrides).check_steps(self.diffusion.num_timesteps)
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {"format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def identity_json(self) -> str:
+        """What a model's id hashes (sdm.checkpoint.model_id): the config as format 1 stored it, so that a model
+        keeps its id across format versions; a field added since counts once it differs from its default."""
+        d = dataclasses.asdict(self)
+        for (section, key), default in _ADDED_SINCE_FORMAT_1.items():
+            if d[section][key] == default:
+                del d[section][key]
+        return json.dumps(d, indent=2, sort_keys=True)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SDMConfig":
-        d = _renamed(d)
+        """A stored config of any format version (upgraded first), each field checked against its type."""
+        d = upgrade_config(d)
         try:
+            if not isinstance(d["name"], str):
+                raise ConfigError(f"name must be a string, got {d['name']!r}")
             return cls(
-                name=str(d["name"]),
-                model=_build(ModelConfig, d["model"]),
-                diffusion=_build(DiffusionConfig, d.get("diffusion", {})),
-                data=_build(DataConfig, d.get("data", {})),
-                sampling=_build(SamplingConfig, d.get("sampling", {})),
-                train=_build(TrainConfig, d.get("train", {})),
+                name=d["name"],
+                model=_build(ModelConfig, d["model"], "model"),
+                diffusion=_build(DiffusionConfig, d.get("diffusion", {}), "diffusion"),
+                data=_build(DataConfig, d.get("data", {}), "data"),
+                sampling=_build(SamplingParams, d.get("sampling", {}), "sampling"),
+                train=_build(TrainConfig, d.get("train", {}), "train"),
             ).validate()
         except KeyError as e:
             raise ConfigError(f"config is missing the key {e.args[0]!r}") from None
@@ -200,9 +286,9 @@ class SDMConfig:
             raise ConfigError(f"config is not valid YAML/JSON: {e}") from None
         if not isinstance(d, dict):
             raise ConfigError("config must be a mapping")
-        if "preset" in d:  # a preset plus overrides
+        if "preset" in d:  # a preset plus overrides, which may be written in an older format
             base = get_preset(d.pop("preset")).to_dict()
-            d = _deep_merge(base, d)
+            d = _deep_merge(base, upgrade_config(d))
         return cls.from_dict(d)
 
     def with_overrides(self, overrides: list[str]) -> "SDMConfig":
@@ -229,8 +315,8 @@ class SDMConfig:
 _LEGACY_PATHS = {"diffusion.steps": "diffusion.num_timesteps", "sampling.steps": "sampling.num_inference_steps"}
 
 
-def _renamed(d: dict[str, Any]) -> dict[str, Any]:
-    """A config dict with legacy keys under their current names (a stored config keeps loading)."""
+def _config_v1_to_v2(d: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 (no format_version) may call the diffusion length and the sampling steps `steps`."""
     out = dict(d)
     for old, new in _LEGACY_PATHS.items():
         section, key = old.split(".")
@@ -242,6 +328,30 @@ def _renamed(d: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def upgrade(d: dict[str, Any], upgrades: list[Callable[[dict[str, Any]], dict[str, Any]]], what: str) -> dict[str, Any]:
+    """A stored dict in the newest format: `upgrades[v - 1]` turns version v into v + 1; no format_version is
+    version 1. A version newer than this library knows is refused, as reading it would guess."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{what} must be a mapping, got {type(d).__name__}")
+    newest = len(upgrades) + 1
+    version = d.get("format_version", 1)
+    if not _is_int(version) or not 1 <= version <= newest:
+        raise ConfigError(f"{what} has format_version {version!r}; this version of sdm reads formats 1 to {newest}")
+    for step in upgrades[version - 1:]:
+        d = step(d)
+    return {**d, "format_version": newest}
+
+
+def upgrade_config(d: dict[str, Any]) -> dict[str, Any]:
+    """A stored config dict (SDMConfig.to_dict of any version) in the current format."""
+    return upgrade(d, _CONFIG_UPGRADES, "config")
+
+
+_CONFIG_UPGRADES = [_config_v1_to_v2]
+_ADDED_SINCE_FORMAT_1 = {("sampling", "cache_interval"): 1}  # (section, key): default
+FORMAT_VERSION = len(_CONFIG_UPGRADES) + 1  # of a stored config (SDMConfig.to_dict)
+
+
 def _parse_value(raw: str) -> Any:
     """JSON first (it reads 2e-3 as a number, YAML 1.1 as a string), then YAML for bare words."""
     try:
@@ -250,20 +360,51 @@ def _parse_value(raw: str) -> Any:
         return yaml.safe_load(raw)
 
 
-def _build(cls: type, d: dict[str, Any]) -> Any:
-    names = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(d) - set(names))
+_KINDS = {int: "an integer", float: "a number", bool: "a boolean", str: "a string"}
+
+
+def _check_type(value: Any, hint: Any, name: str) -> Any:
+    """`value` as the annotation `hint` takes it (JSON lists as tuples), or ConfigError naming `name`."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        return _check_type(value, hint, name)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{name} must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        if args[-1] is Ellipsis:
+            return tuple(_check_type(v, args[0], f"{name}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{name} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_check_type(v, a, f"{name}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    ok = {int: _is_int, float: lambda v: _is_int(v) or isinstance(v, float), bool: lambda v: isinstance(v, bool),
+          str: lambda v: isinstance(v, str)}[hint](value)
+    if not ok:
+        raise ConfigError(f"{name} must be {_KINDS[hint]}, got {value!r}")
+    return value
+
+
+def _build(cls: type, d: Any, section: str) -> Any:
+    """A config section from its dict, each value checked against its field's annotation."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"config section {section!r} must be a mapping, got {d!r}")
+    hints = get_type_hints(cls)
+    unknown = sorted(set(d) - set(hints))
     if unknown:
-        raise ConfigError(f"unknown {cls.__name__} keys: {unknown}")
-    kwargs = {}
-    for k, v in d.items():
-        if isinstance(v, list):  # JSON has no tuples
-            v = tuple(v)
-        kwargs[k] = v
+        raise ConfigError(f"unknown {section} keys: {unknown}")
+    kwargs = {k: _check_type(v, hints[k], f"{section}.{k}") for k, v in d.items()}
     try:
         return cls(**kwargs)
     except TypeError as e:
-        raise ConfigError(f"{cls.__name__}: {e}") from None
+        raise ConfigError(f"{section}: {e}") from None
+    except InvalidInputError as e:
+        raise ConfigError(f"{section}: {e}") from None
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -291,25 +432,25 @@ _PRESETS: dict[str, SDMConfig] = {
         name="ade20k",
         model=_paper_model(num_classes=151),
         data=DataConfig(dataset="ade20k", label_offset=1, random_crop=True),
-        sampling=SamplingConfig(guidance_scale=1.5),
+        sampling=SamplingParams(guidance_scale=1.5),
     ),
     "cityscapes": SDMConfig(
         name="cityscapes",
         model=_paper_model(num_classes=35, instance_edges=True, image_size=(256, 512)),
         data=DataConfig(dataset="cityscapes"),
-        sampling=SamplingConfig(guidance_scale=2.0),
+        sampling=SamplingParams(guidance_scale=2.0),
     ),
     "celebamask_hq": SDMConfig(
         name="celebamask_hq",
         model=_paper_model(num_classes=19, instance_edges=True),
         data=DataConfig(dataset="celebamask_hq", edges_from_labels=True),
-        sampling=SamplingConfig(guidance_scale=1.5),
+        sampling=SamplingParams(guidance_scale=1.5),
     ),
     "coco_stuff": SDMConfig(
         name="coco_stuff",
         model=_paper_model(num_classes=183, instance_edges=True),
         data=DataConfig(dataset="coco_stuff", unlabeled_id=255, unlabeled_class=182, random_crop=True),
-        sampling=SamplingConfig(guidance_scale=1.5),
+        sampling=SamplingParams(guidance_scale=1.5),
     ),
     # Small enough to train for a few minutes on 2 CPU cores; matches the toy dataset (`sdm data toy`).
     "tiny": SDMConfig(
@@ -317,7 +458,7 @@ _PRESETS: dict[str, SDMConfig] = {
         model=_small_model(num_classes=6, size=32),
         diffusion=DiffusionConfig(num_timesteps=1000, schedule="linear"),
         data=DataConfig(dataset="toy"),
-        sampling=SamplingConfig(guidance_scale=1.5, sampler="ddim", eta=1.0, num_inference_steps=25),
+        sampling=SamplingParams(guidance_scale=1.5, sampler="ddim", eta=1.0, num_inference_steps=25),
         train=TrainConfig(lr=1e-3, finetune_lr=3e-4, batch_size=16, ema_decay=0.995),
     ),
     # The benchmark world (`sdm data scenes`, 48x48, 18 classes): the tiny network at 48x48, trained in
@@ -327,7 +468,7 @@ _PRESETS: dict[str, SDMConfig] = {
         model=_small_model(num_classes=18, size=48),
         diffusion=DiffusionConfig(num_timesteps=1000, schedule="linear"),
         data=DataConfig(dataset="scenes"),
-        sampling=SamplingConfig(guidance_scale=1.5, sampler="ddim", eta=1.0, num_inference_steps=25),
+        sampling=SamplingParams(guidance_scale=1.5, sampler="ddim", eta=1.0, num_inference_steps=25),
         train=TrainConfig(lr=1e-3, finetune_lr=3e-4, batch_size=16, ema_decay=0.995),
     ),
 }

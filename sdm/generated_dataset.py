@@ -3,7 +3,8 @@ output dataset that a generation job fills, resumes and finally describes with a
 
 Layout of an output URI:
 
-    generation.json                              the settings; a rerun with other settings is refused
+    generation.json                              the settings (with their format_version); a rerun with other
+                                                 settings is refused
     shards/gen-<digest>-<split>-00000.parquet    generated rows: the shard format plus metadata columns
     progress/gen-<digest>-<split>-00000.json     written after its shard (its info and keys): a shard
                                                  without one is unfinished and is removed at the end
@@ -34,7 +35,7 @@ import pyarrow as pa
 import torch
 
 from sdm import storage
-from sdm.config import SDMConfig
+from sdm.config import SamplingParams, SDMConfig, upgrade
 from sdm.data.card import DatasetCard, ShardInfo, write_card
 from sdm.data.packers import REJECTS_FILE
 from sdm.data.preprocess import fit_to_model
@@ -43,12 +44,9 @@ from sdm.imageio import decode_ids, encode_png
 from sdm.errors import DatasetError, InvalidInputError
 from sdm.labels import raw_to_classes
 from sdm.pipeline import SDMPipeline
-from sdm.runner import SamplingParams
 from sdm.seeds import derive_seed
 
 SETTINGS_FILE = "generation.json"
-UNSCORED = {"segmenter": "none", "min_consistency": None, "max_retries": 0}
-EAGER = {"fast_path": False, "compile": False, "cache_interval": 1}  # outputs from before the fast path
 PROGRESS_DIR = "progress"
 FOLDER_DIRS = {"image": "images", "label": "labels", "instance": "instances"}
 
@@ -60,8 +58,8 @@ GENERATED_SCHEMA = pa.schema(
         pa.field("seed", pa.int64()),
         pa.field("model_id", pa.string()),
         pa.field("sampler", pa.string()),
-        pa.field("steps", pa.int32()),
-        pa.field("guidance", pa.float64()),
+        pa.field("steps", pa.int32()),  # sampling.num_inference_steps (the stored column keeps its name)
+        pa.field("guidance", pa.float64()),  # sampling.guidance_scale
         pa.field("attempt", pa.int32()),
         pa.field("consistency", pa.float64()),  # null when the job scored nothing (--segmenter none)
         pa.field("pixel_accuracy", pa.float64()),
@@ -75,27 +73,54 @@ class GenerationSettings:
     on (besides its label map, key and index), and the output format."""
 
     model_id: str
-    sampler: str
-    steps: int
-    guidance: float
+    sampling: SamplingParams  # resolved against the model's defaults
     seed: int
-    eta: float = 0.0
-    cache_interval: int = 1
     micro_batch: int = 8  # rows per network call, fixed so that numerics never depend on batching
     precision: str = "auto"
     fast_path: bool = True  # channels_last and bf16-held weights: the same values, other kernels, so other rounding
     compile: bool = False
     output_format: str = "shards"  # or "folder": image and label PNG files as well
-    seed_rule: int = 2  # label map `key` is a call with seed derive_seed(seed, key); outputs without it seeded each sample
+    seed_rule: int = 2  # label map `key` is a call with seed derive_seed(seed, key); rule 1 seeded each sample
     segmenter: str = "none"  # what scores label consistency: it decides which pairs pass the threshold
     min_consistency: float | None = None
     max_retries: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """generation.json: the settings in the current format."""
+        return {"format_version": SETTINGS_FORMAT, **asdict(self)}
 
-    def params(self) -> SamplingParams:
-        return SamplingParams(self.guidance, self.steps, self.sampler, self.eta, self.cache_interval)
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GenerationSettings":
+        """Settings stored in any format version (upgraded first)."""
+        d = {k: v for k, v in upgrade_settings(d).items() if k != "format_version"}
+        return cls(**{**d, "sampling": SamplingParams(**d["sampling"])})
+
+
+def _settings_v1_to_v2(d: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 (no format_version) held the sampling parameters flat, as `sampler`, `steps`, `guidance`, `eta`,
+    `cache_interval`. Outputs from before the label-consistency stage were unscored, those from before the fast
+    path eager (and without the feature cache), and those from before `seed_rule` seeded each sample (rule 1)."""
+    out = {"segmenter": "none", "min_consistency": None, "max_retries": 0, "fast_path": False, "compile": False,
+           "seed_rule": 1, **d}
+    names = {"guidance": "guidance_scale", "sampler": "sampler", "steps": "num_inference_steps", "eta": "eta",
+             "cache_interval": "cache_interval"}
+    out["sampling"] = {"cache_interval": 1, **{new: out.pop(old) for old, new in names.items() if old in out}}
+    return out
+
+
+_SETTINGS_UPGRADES = [_settings_v1_to_v2]
+SETTINGS_FORMAT = len(_SETTINGS_UPGRADES) + 1  # of generation.json
+
+
+def upgrade_settings(d: dict[str, Any]) -> dict[str, Any]:
+    """A stored generation.json of any version in the current format."""
+    return upgrade(d, _SETTINGS_UPGRADES, SETTINGS_FILE)
+
+
+def _flat(d: dict[str, Any]) -> dict[str, Any]:
+    """`sampling.eta` for {"sampling": {"eta": ...}}: settings compared key by key."""
+    return {f"{k}.{sub}" if isinstance(v, dict) else k: w for k, v in d.items()
+            for sub, w in (v.items() if isinstance(v, dict) else [(None, v)])}
 
 
 def output_key(source_key: str, k: int) -> str:
@@ -145,7 +170,7 @@ def sample_images(
     """uint8 [N, H, W, 3] for raw label maps at the model's size, through the library's runner (whose micro-batch
     the pipeline was built with: settings.micro_batch)."""
     inputs = torch.cat([pipe.prepare_labels(lab, inst) for lab, inst in zip(labels, instances)])
-    return pipe.runner(inputs, [int(s) for s in seeds], settings.params())
+    return pipe.runner(inputs, [int(s) for s in seeds], settings.sampling)
 
 
 @dataclass(frozen=True)
@@ -166,7 +191,8 @@ def generated_row(
     return make_row(
         output_key(source_key, draw.k), split, encode_png(image), label_png, instance_png, h, w,
         source_key=source_key, sample_index=draw.k, seed=call_seed(settings.seed, source_key, draw.attempt),
-        model_id=settings.model_id, sampler=settings.sampler, steps=settings.steps, guidance=float(settings.guidance),
+        model_id=settings.model_id, sampler=settings.sampling.sampler, steps=settings.sampling.num_inference_steps,
+        guidance=float(settings.sampling.guidance_scale),
         attempt=draw.attempt, consistency=draw.consistency, pixel_accuracy=draw.pixel_accuracy,
     )
 
@@ -208,8 +234,8 @@ class GenerationOutput:
         """Record the settings, or refuse when an earlier run here used other ones (outputs must not mix)."""
         path = storage.join(self.uri, SETTINGS_FILE)
         if storage.exists(path):
-            before = {**UNSCORED, **EAGER, **json.loads(storage.read_bytes(path))}  # older outputs: unscored, eager
-            diff = {k: (before.get(k), v) for k, v in settings.to_dict().items() if before.get(k) != v}
+            before = _flat(upgrade_settings(json.loads(storage.read_bytes(path))))
+            diff = {k: (before.get(k), v) for k, v in _flat(settings.to_dict()).items() if before.get(k) != v}
             if diff:
                 shown = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in sorted(diff.items()))
                 raise InvalidInputError(f"{self.uri} holds output generated with other settings ({shown}); use a new output URI")

@@ -1,6 +1,6 @@
 """The one road from prepared label inputs to images, shared by the pipeline, `sdm sample`, the generation job and
-the Serve replica: sampling parameters resolved against the model's defaults and validated once, and the runner
-that owns per-sample seeds, fixed micro-batches, the edit mask and progress.
+the Serve replica: the runner that takes validated sampling parameters (sdm.config.SamplingParams) and owns
+per-sample seeds, fixed micro-batches, the edit mask and progress.
 
 Sample k of a call with seed s is seeded derive_seed(s, k), so it does not depend on the call's other rows, and
 the network always sees micro-batches of the same size and layout (the last one padded), as kernels may round
@@ -10,73 +10,20 @@ in micro-batches of their own.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from sdm.config import SamplingConfig
+from sdm.config import SamplingParams, check_guidance
 from sdm.diffusion import GaussianDiffusion
 from sdm.errors import InvalidInputError
-from sdm.samplers import SAMPLERS, Known, NoiseSource, make_denoiser, sample
+from sdm.samplers import Known, NoiseSource, make_denoiser, sample
 
-MAX_GUIDANCE = 100.0  # far beyond any useful scale; larger values only overflow into noise
 DEFAULT_MICRO_BATCH = 8
-MAX_CACHE_INTERVAL = 10  # deep features older than this many steps describe another noise level
 
 Progress = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to sample, every field filled and valid. Build it with `resolve`."""
-
-    guidance_scale: float
-    num_inference_steps: int
-    sampler: str
-    eta: float
-    cache_interval: int = 1  # k > 1: the deep features are recomputed every k-th step only (sdm.unet.FeatureCache)
-
-    @classmethod
-    def resolve(cls, defaults: SamplingConfig, num_timesteps: int, guidance_scale: float | None = None,
-                num_inference_steps: int | None = None, sampler: str | None = None, eta: float | None = None,
-                cache_interval: int | None = None) -> "SamplingParams":
-        """Unset fields from the model's defaults; InvalidInputError names the first bad field."""
-        params = cls(
-            guidance_scale=defaults.guidance_scale if guidance_scale is None else guidance_scale,
-            num_inference_steps=defaults.num_inference_steps if num_inference_steps is None else num_inference_steps,
-            sampler=defaults.sampler if sampler is None else sampler,
-            eta=defaults.eta if eta is None else eta,
-            cache_interval=1 if cache_interval is None else cache_interval,
-        )
-        check_guidance(params.guidance_scale)
-        n = params.num_inference_steps
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= num_timesteps:
-            raise InvalidInputError(f"sampling steps must be an integer in [1, {num_timesteps}], got {n!r}")
-        if params.sampler not in SAMPLERS:
-            raise InvalidInputError(f"unknown sampler {params.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if not _is_number(params.eta) or not 0 <= params.eta <= 1:
-            raise InvalidInputError(f"eta must be a number in [0, 1], got {params.eta!r}")
-        k = params.cache_interval
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_CACHE_INTERVAL:
-            raise InvalidInputError(f"cache_interval must be an integer in [1, {MAX_CACHE_INTERVAL}] (1: no feature cache), got {k!r}")
-        return params
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def check_guidance(g: Any) -> None:
-    if not _is_number(g) or not 0 <= g <= MAX_GUIDANCE:
-        raise InvalidInputError(f"guidance_scale must be a number in [0, {MAX_GUIDANCE:g}], got {g!r}")
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -105,8 +52,9 @@ class SampleRunner:
         scales = [params.guidance_scale] * n if guidance is None else [float(g) for g in guidance]
         if len(seeds) != n or len(scales) != n:
             raise InvalidInputError(f"{n} label maps but {len(seeds)} seeds and {len(scales)} guidance scales")
-        for g in scales:
-            check_guidance(g)
+        if guidance is not None:  # params.guidance_scale was checked when params was made
+            for g in scales:
+                check_guidance(g)
         out = np.zeros((n, *labels.shape[-2:], 3), np.uint8)
         groups = [[i for i in range(n) if (scales[i] == 1.0) == unguided] for unguided in (True, False)]
         chunks = [g[s : s + self.micro_batch] for g in groups for s in range(0, len(g), self.micro_batch)]

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sdm.config import SamplerName
 from sdm.diffusion import GaussianDiffusion, ModelPrediction, spaced_steps
 from sdm.labels import null_label
 from sdm.unet import FeatureCache, Modulations
@@ -208,13 +209,13 @@ class DPMSolverPP2M(Sampler):
         return x
 
 
-_SAMPLERS: dict[str, Callable[[float], Sampler]] = {
+_SAMPLERS: dict[SamplerName, Callable[[float], Sampler]] = {  # keyed by the config layer's names
     "ddpm": lambda eta: DDPM(),
     "ddim": lambda eta: DDIM(eta),
     "dpm++": lambda eta: DPMSolverPP2M(),
     "dpm++sde": lambda eta: DPMSolverPP2M(sde=True),
 }
-SAMPLERS = tuple(_SAMPLERS)
+SAMPLERS: tuple[str, ...] = tuple(_SAMPLERS)
 
 
 def make_sampler(name: str, eta: float = 0.0) -> Sampler:

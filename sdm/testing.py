@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from sdm.checkpoint import save_model
-from sdm.config import ModelConfig, SDMConfig, get_preset
+from sdm.config import ModelConfig, SamplingParams, SDMConfig, get_preset
 from sdm.data.card import read_card
 from sdm.data.shards import iter_samples
 from sdm.imageio import encode_png
@@ -72,7 +72,7 @@ def write_painted_generation(uri: str, data: str, paint: Callable[[np.random.Gen
                              maps: int | None = None) -> str:
     """A dataset in the generation job's output format (shards and image folders) made without a model: k images
     painted by paint(rng, val sample) for each of the first `maps` validation label maps of `data`."""
-    settings = GenerationSettings(model_id="painter", sampler="none", steps=0, guidance=0.0, seed=0, output_format="folder")
+    settings = GenerationSettings(model_id="painter", sampling=SamplingParams(), seed=0, output_format="folder")  # painted, not sampled
     out = GenerationOutput(uri)
     out.claim(settings)
     rng = np.random.default_rng(1)

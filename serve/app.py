@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ class AppArgs(BaseModel):
     num_cpus: float = Field(1, ge=0)
     device: str | None = None
     precision: str = "auto"
-    fast: bool = True  # the inference fast path: channels_last, bf16-held weights (sdm.inference)
+    fast_path: bool = True  # the inference fast path: channels_last, bf16-held weights (sdm.inference)
     compile: bool = False  # torch.compile, warmed up as each model loads (slow to start on CPU)
     min_replicas: int | None = Field(None, ge=0)
     max_replicas: int | None = Field(None, ge=1)
@@ -80,6 +81,18 @@ class AppArgs(BaseModel):
     max_image_side: int = Field(Limits.max_image_side, ge=16)
     max_steps: int = Field(Limits.max_steps, ge=1)
     max_samples: int = Field(Limits.max_samples, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, args: Any) -> Any:
+        """`fast`, the old name of `fast_path`, taken for one release."""
+        if isinstance(args, dict) and "fast" in args:
+            warnings.warn("serve args: 'fast' is deprecated and will be removed; use 'fast_path'", DeprecationWarning, stacklevel=2)
+            args = dict(args)
+            fast = args.pop("fast")
+            if args.setdefault("fast_path", fast) != fast:
+                raise ValueError("fast_path and its deprecated name fast disagree; give fast_path")
+        return args
 
     @model_validator(mode="after")
     def _one_way_to_name_models(self) -> "AppArgs":
@@ -122,7 +135,7 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         health_check_period_s=10,
         health_check_timeout_s=60,
     )(SDMModel).bind(
-        a.served(), a.default(), a.max_models_per_replica, a.device, a.precision, a.fast, a.compile, batch,
+        a.served(), a.default(), a.max_models_per_replica, a.device, a.precision, a.fast_path, a.compile, batch,
         a.batch_wait_timeout_s, a.batch_wait_under_load_s, a.max_queue_wait_s,
     )
     limits = Limits(a.max_body_bytes, a.max_image_side, a.max_steps, a.max_samples)

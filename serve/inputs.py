@@ -17,12 +17,11 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from sdm import checkpoint
-from sdm.config import DataConfig, SamplingConfig
+from sdm.config import SAMPLER_NAMES, DataConfig, SamplingParams
 from sdm.data.preprocess import fit_to_model
 from sdm.errors import InvalidInputError
 from sdm.imageio import ID_MODES
 from sdm.labels import colors_to_ids, default_palette, raw_to_classes
-from sdm.samplers import SAMPLERS
 from serve.errors import ApiError
 from serve.schema import FILE_FIELDS, MODEL_HEADER, REQUESTS, ModelDescription, SamplingFields
 
@@ -48,7 +47,7 @@ class ModelInfo:
     palette: list[tuple[int, int, int]]  # colour of each label id
     instance_edges: bool
     data: DataConfig
-    defaults: SamplingConfig
+    defaults: SamplingParams
     max_steps: int
 
     @classmethod
@@ -78,12 +77,8 @@ class ModelInfo:
             class_names=self.class_names,
             palette=self.palette,
             instance_map=self.instance_edges,
-            defaults={
-                "guidance_scale": self.defaults.guidance_scale,
-                "steps": self.defaults.num_inference_steps,
-                "sampler": self.defaults.sampler,
-            },
-            samplers=list(SAMPLERS),
+            defaults=self.defaults.to_dict(),
+            samplers=list(SAMPLER_NAMES),
             limits={
                 "max_steps": self.max_steps,
                 "max_samples": limits.max_samples,
@@ -119,14 +114,11 @@ class Job:
     model: str  # the name of the served model that draws it
     label: np.ndarray  # [H, W] raw label ids
     instance: np.ndarray | None
-    guidance_scale: float
-    steps: int
-    sampler: str
+    sampling: SamplingParams  # the model's defaults with the request's parameters, validated
     seed: int
     num_samples: int
     image: np.ndarray | None = None  # edit: uint8 [H, W, 3]
     mask: np.ndarray | None = None  # edit: [H, W], nonzero where the image is regenerated
-    cache_interval: int = 1  # sdm.unet.FeatureCache: 1 runs the whole network every step
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -165,12 +157,9 @@ async def parse_job(kind: str, request: Request, body: bytes, catalog: Catalog, 
         model=model,
         label=label,
         instance=instance,
-        guidance_scale=info.defaults.guidance_scale if req.guidance_scale is None else req.guidance_scale,
-        steps=_at_most("steps", req.steps or info.defaults.num_inference_steps, info.max_steps),
-        sampler=req.sampler or info.defaults.sampler,
+        sampling=_sampling(req, info),
         seed=secrets.randbits(63) if req.seed is None else req.seed,
         num_samples=_at_most("num_samples", req.num_samples, limits.max_samples),
-        cache_interval=req.cache_interval,
     )
     if kind == "edit":
         with _reading("image"):
@@ -182,6 +171,21 @@ async def parse_job(kind: str, request: Request, body: bytes, catalog: Catalog, 
             raise ApiError(400, "empty_mask", "mask: selects no pixels to regenerate (nonzero = regenerate)")
         job.mask = mask
     return job
+
+
+def _sampling(req: SamplingFields, info: ModelInfo) -> SamplingParams:
+    """The model's defaults with the request's parameters; the steps within the model's limit (info.max_steps is at
+    most its number of diffusion steps), by the name the request gave them."""
+    name, steps = "num_inference_steps", req.num_inference_steps
+    if req.steps is not None:  # the deprecated name
+        if steps is not None and steps != req.steps:
+            raise ApiError(400, "invalid_parameter", f"num_inference_steps ({steps}) and its deprecated name steps "
+                                                     f"({req.steps}) disagree; give num_inference_steps")
+        name, steps = "steps", req.steps
+    if steps is not None:
+        _at_most(name, steps, info.max_steps)
+    return info.defaults.resolve(guidance_scale=req.guidance_scale, num_inference_steps=steps, sampler=req.sampler,
+                                 cache_interval=req.cache_interval)
 
 
 def _refusal(kind: str, e: ValidationError) -> ApiError:

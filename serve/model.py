@@ -5,6 +5,7 @@ that never mixes models, and a health check that runs every model the replica ho
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -14,8 +15,8 @@ from ray import serve
 
 from sdm.errors import SDMError
 from sdm.pipeline import SDMPipeline, known_from_image
+from sdm.config import SamplingParams
 from sdm.samplers import Known
-from sdm.runner import SamplingParams
 from sdm.seeds import sample_seeds
 from serve.inputs import Job
 from serve.metrics import ModelMetrics
@@ -69,10 +70,11 @@ class _Pending:
     cancelled: bool = False  # its caller went away (client disconnect or request timeout)
 
 
-def _group_key(job: Job) -> tuple[str, str, str, int, int]:
-    """Requests sharing a key run in one call of the runner (which keeps unguided rows apart itself). Serve's batcher
-    already splits batches by model; the key says it again where it matters."""
-    return job.model, job.kind, job.sampler, job.steps, job.cache_interval
+def _group_key(job: Job) -> tuple[str, str, SamplingParams]:
+    """Requests sharing a key run in one call of the runner, each row with its own guidance scale (the runner keeps
+    unguided rows apart itself). Serve's batcher already splits batches by model; the key says it again where it
+    matters."""
+    return job.model, job.kind, dataclasses.replace(job.sampling, guidance_scale=1.0)
 
 
 class SDMModel:
@@ -83,7 +85,7 @@ class SDMModel:
         max_loaded: int,
         device: str | None,
         precision: str,
-        fast: bool,
+        fast_path: bool,
         compile: bool,
         max_batch_size: int,
         batch_wait_timeout_s: float,
@@ -92,7 +94,7 @@ class SDMModel:
     ):
         """`models`: name -> URI of every model this deployment may serve; at most `max_loaded` are held at once."""
         self.uris, self.device, self.precision = models, device, precision
-        self.fast_path = {"fast": fast, "compile": compile}
+        self.fast_path = {"fast_path": fast_path, "compile": compile}
         self.metrics = ModelMetrics.create()
         self._reporting = asyncio.get_running_loop().create_task(self.metrics.live.keep_reporting())
         self.replica = serve.get_replica_context().replica_id.unique_id
@@ -152,7 +154,7 @@ class SDMModel:
     async def _batched(self, items: list[_Pending]) -> list[Output | Exception]:
         start = time.monotonic()
         results: list[Output | Exception | None] = [None] * len(items)
-        groups: dict[tuple[str, str, str, int], list[int]] = {}
+        groups: dict[tuple[str, str, SamplingParams], list[int]] = {}
         for i, p in enumerate(items):
             wait = start - p.enqueued
             self.metrics.queue_wait.observe(wait, tags={"model": p.job.model})
@@ -182,7 +184,7 @@ class SDMModel:
             tags = {"model": job.model}
             self.metrics.batch_size.observe(len(group), tags=tags)
             self.metrics.images.inc(len(images), tags=tags | {"kind": job.kind})
-            self.metrics.live.set(self.metrics.steps_per_second, len(images) * job.steps / elapsed, tags)
+            self.metrics.live.set(self.metrics.steps_per_second, len(images) * job.sampling.num_inference_steps / elapsed, tags)
             row = 0
             for i, p in zip(idxs, group):
                 n = len(p.seeds)
@@ -199,12 +201,11 @@ class SDMModel:
         known = None
         if group[0].known is not None:
             known = Known(torch.cat([p.known.x0 for p in group]), torch.cat([p.known.mask for p in group]))
-        params = SamplingParams(job.guidance_scale, job.steps, job.sampler, pipe.config.sampling.eta, job.cache_interval)
         return pipe.runner(
             torch.cat([p.label for p in group]),
             [s for p in group for s in p.seeds],
-            params,
-            guidance=[p.job.guidance_scale for p in group for _ in p.seeds],
+            job.sampling,  # validated when the request was parsed (serve.inputs)
+            guidance=[p.job.sampling.guidance_scale for p in group for _ in p.seeds],
             known=known,
             progress=lambda done, total: _check_wanted(group),
         )

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Annotated, Any, Literal
+import dataclasses
+from typing import Annotated, Any, Literal, get_type_hints
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, create_model, field_validator
 from pydantic_core import PydanticCustomError
 
-from sdm.samplers import SAMPLERS
-from sdm.runner import MAX_CACHE_INTERVAL, MAX_GUIDANCE
+from sdm.config import MAX_CACHE_INTERVAL, MAX_GUIDANCE, SamplerName, SamplingParams
 
 MODEL_HEADER = "serve_multiplexed_model_id"  # Ray Serve's header naming the model of a request
 
@@ -45,21 +45,27 @@ ImageFile = _file("the image to edit: PNG or JPEG")
 MaskFile = _file("PNG, nonzero where the image is regenerated")
 
 
+_STEPS = "denoising steps; at most the model's limits.max_steps"
+
+
 class SamplingFields(BaseModel):
-    """The sampling parameters of both routes; unset ones take the model's defaults."""
+    """The sampling parameters of both routes, by SamplingParams' names; unset ones take the model's defaults.
+    `steps`, the deprecated name of `num_inference_steps`, is still taken for one release."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description=f"which served model draws (GET /v1/models); or the {MODEL_HEADER} header")
     guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False)
-    steps: int | None = Field(None, ge=1, description="denoising steps; at most the model's limits.max_steps")
-    sampler: Literal[SAMPLERS] | None = None  # type: ignore[valid-type]
+    num_inference_steps: int | None = Field(None, ge=1, description=_STEPS)
+    steps: int | None = Field(None, ge=1, description=f"deprecated name of num_inference_steps: {_STEPS}",
+                              json_schema_extra={"deprecated": True})
+    sampler: SamplerName | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="unset: a random seed, returned in the answer")
     num_samples: int = Field(1, ge=1, description="images for this label map; at most limits.max_samples")
     cache_interval: int = Field(1, ge=1, le=MAX_CACHE_INTERVAL,
                                 description="k > 1: deep U-Net features recomputed every k-th step only (faster, lower quality)")
 
-    @field_validator("guidance_scale", "steps", "seed", "num_samples", "cache_interval", mode="before")
+    @field_validator("guidance_scale", "num_inference_steps", "steps", "seed", "num_samples", "cache_interval", mode="before")
     @classmethod
     def _not_a_boolean(cls, value: Any) -> Any:
         if isinstance(value, bool):
@@ -86,10 +92,11 @@ class Resolution(BaseModel):
     width: int
 
 
-class SamplingDefaults(BaseModel):
-    guidance_scale: float
-    steps: int
-    sampler: str
+SamplingDefaults = create_model(  # SamplingParams' fields, as a model's defaults
+    "SamplingDefaults",
+    __doc__="The model's sampling defaults: what a request's unset parameters take.",
+    **{f.name: (get_type_hints(SamplingParams)[f.name], ...) for f in dataclasses.fields(SamplingParams)},
+)
 
 
 class RequestLimits(BaseModel):
@@ -109,7 +116,7 @@ class ModelDescription(BaseModel):
     class_names: list[str]
     palette: list[tuple[int, int, int]]
     instance_map: bool
-    defaults: SamplingDefaults
+    defaults: SamplingDefaults  # type: ignore[valid-type]
     samplers: list[str]
     limits: RequestLimits
 

@@ -107,7 +107,7 @@ class Job:
 def _generate_argv(model: str, labels: str, out: str) -> list[str]:
     """One sampling actor that needs 2 CPUs: only the worker node has them, so the node's loss takes it down."""
     return ["python", "-m", "jobs.generate", "--model", model, "--labels", labels, "--split", "val", "--out", out,
-            "--sampler", "ddim", "--steps", str(GEN_STEPS), "--guidance", "1.5", "--seed", "11", "--micro-batch", "4",
+            "--sampler", "ddim", "--num-inference-steps", str(GEN_STEPS), "--guidance-scale", "1.5", "--seed", "11", "--micro-batch", "4",
             "--batch-size", "8", "--shard-rows", "8", "--cpus-per-worker", "2", "--concurrency", "1", "--segmenter", "none"]
 
 

@@ -33,8 +33,8 @@ def _pixel_gap(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 def test_auto_precision_on_cuda_is_bf16_and_close_to_fp32(random_tiny_net, tiny_cfg):
     auto = SDMPipeline(random_tiny_net, tiny_cfg, device="cuda", precision="auto")
     assert auto.dtype == torch.bfloat16
-    bf16 = auto(_labels(), num_steps=5, seed=3)
-    fp32 = SDMPipeline(random_tiny_net, tiny_cfg, device="cuda", precision="fp32")(_labels(), num_steps=5, seed=3)
+    bf16 = auto(_labels(), num_inference_steps=5, seed=3)
+    fp32 = SDMPipeline(random_tiny_net, tiny_cfg, device="cuda", precision="fp32")(_labels(), num_inference_steps=5, seed=3)
     mean, tail = _pixel_gap(bf16, fp32)
     # a randomly initialised model is chaotic where clipping flips, so bound the mean and the tail
     assert mean < 3.0 and tail < 0.02
@@ -42,8 +42,8 @@ def test_auto_precision_on_cuda_is_bf16_and_close_to_fp32(random_tiny_net, tiny_
 
 
 def test_cuda_fp32_agrees_with_cpu_for_the_same_seed(random_tiny_net, tiny_cfg):
-    cpu = SDMPipeline(random_tiny_net, tiny_cfg, device="cpu", precision="fp32")(_labels(), num_steps=5, seed=3)
-    cuda = SDMPipeline(random_tiny_net, tiny_cfg, device="cuda", precision="fp32")(_labels(), num_steps=5, seed=3)
+    cpu = SDMPipeline(random_tiny_net, tiny_cfg, device="cpu", precision="fp32")(_labels(), num_inference_steps=5, seed=3)
+    cuda = SDMPipeline(random_tiny_net, tiny_cfg, device="cuda", precision="fp32")(_labels(), num_inference_steps=5, seed=3)
     mean, tail = _pixel_gap(cpu, cuda)
     assert mean < 1.0 and tail < 0.005  # noise is drawn on the CPU, so only kernel rounding differs
 
@@ -53,13 +53,13 @@ def test_cuda_fp32_agrees_with_cpu_for_the_same_seed(random_tiny_net, tiny_cfg):
 def test_same_seed_same_images_whatever_the_batch_on_cuda(random_tiny_net, tiny_cfg, precision, fast):
     """Other micro-batch sizes run other kernels, so pixels may differ by rounding only; a row run alone in a
     micro-batch of the same size is the same row bit for bit."""
-    pipe = SDMPipeline(random_tiny_net, tiny_cfg, "cuda", precision, micro_batch=6, fast=fast)
-    together = pipe(_labels(), num_steps=4, num_samples=2, seed=7)
-    apart = SDMPipeline(random_tiny_net, tiny_cfg, "cuda", precision, micro_batch=1, fast=fast)(_labels(), num_steps=4, num_samples=2, seed=7)
+    pipe = SDMPipeline(random_tiny_net, tiny_cfg, "cuda", precision, micro_batch=6, fast_path=fast)
+    together = pipe(_labels(), num_inference_steps=4, num_samples=2, seed=7)
+    apart = SDMPipeline(random_tiny_net, tiny_cfg, "cuda", precision, micro_batch=1, fast_path=fast)(_labels(), num_inference_steps=4, num_samples=2, seed=7)
     mean, tail = _pixel_gap(together, apart)
     print(f"{precision}: micro-batch 6 vs 1: identical={np.array_equal(together, apart)} mean gap {mean:.4f}, tail {tail:.5f}")
     assert mean < 0.5 and tail < 0.002
-    alone = pipe(_labels()[1], num_steps=4, num_samples=2, seed=[derive_seed(7, 2), derive_seed(7, 3)])
+    alone = pipe(_labels()[1], num_inference_steps=4, num_samples=2, seed=[derive_seed(7, 2), derive_seed(7, 3)])
     assert np.array_equal(alone, together[2:4])
 
 
@@ -84,7 +84,7 @@ def test_mixed_precision_training_on_cuda_fits_a_batch(tiny_cfg, precision):
 
 
 def _fp32_and_eager_bf16(net, cfg) -> tuple[np.ndarray, np.ndarray]:
-    return tuple(SDMPipeline(net, cfg, device="cuda", precision=p, fast=False)(_labels(), num_steps=5, seed=3)
+    return tuple(SDMPipeline(net, cfg, device="cuda", precision=p, fast_path=False)(_labels(), num_inference_steps=5, seed=3)
                  for p in ("fp32", "bf16"))
 
 
@@ -94,8 +94,8 @@ def test_the_fast_path_on_cuda_holds_bf16_channels_last_weights_and_is_as_close_
     assert all(m.weight.is_cuda and m.weight.dtype == torch.bfloat16 for m in convs)
     assert weights_layout(pipe.net) == "channels_last"
     fp32, eager = _fp32_and_eager_bf16(random_tiny_net, tiny_cfg)
-    fast = pipe(_labels(), num_steps=5, seed=3)
-    assert np.array_equal(pipe(_labels(), num_steps=5, seed=3), fast)
+    fast = pipe(_labels(), num_inference_steps=5, seed=3)
+    assert np.array_equal(pipe(_labels(), num_inference_steps=5, seed=3), fast)
     assert _pixel_gap(fast, fp32)[0] < 1.5 * max(_pixel_gap(eager, fp32)[0], 0.5)
 
 
@@ -105,10 +105,10 @@ def test_the_label_cache_on_cuda_computes_the_label_path_once_per_run_and_change
     assert pipe.runner.label_cache
     calls = []
     next(m for m in pipe.net.modules() if isinstance(m, SPADE)).mlp_shared.register_forward_hook(lambda *_: calls.append(1))
-    cached = pipe(_labels(), num_steps=5, seed=4, guidance_scale=guidance)
+    cached = pipe(_labels(), num_inference_steps=5, seed=4, guidance_scale=guidance)
     assert len(calls) == 1  # one micro-batch: once, not once per step
     pipe.runner.label_cache = False
-    assert np.array_equal(pipe(_labels(), num_steps=5, seed=4, guidance_scale=guidance), cached)
+    assert np.array_equal(pipe(_labels(), num_inference_steps=5, seed=4, guidance_scale=guidance), cached)
     assert len(calls) == 1 + 5
 
 
@@ -122,12 +122,12 @@ def test_compiled_with_cuda_graphs_compiles_in_warm_up_only_and_replays_the_same
     pipe.warm_up()
     graphs = counters["stats"]["unique_graphs"]
     assert graphs >= 2
-    fast = pipe(_labels(), num_steps=5, seed=3)
-    unguided = pipe(_labels()[:1], num_steps=2, seed=1, guidance_scale=1.0)
+    fast = pipe(_labels(), num_inference_steps=5, seed=3)
+    unguided = pipe(_labels()[:1], num_inference_steps=2, seed=1, guidance_scale=1.0)
     assert counters["stats"]["unique_graphs"] == graphs  # no compilation after the warm-up
     assert counters["inductor"]["cudagraph_skips"] == skips  # "reduce-overhead" really ran CUDA graphs
-    assert np.array_equal(pipe(_labels(), num_steps=5, seed=3), fast)  # graph replays give the same numbers
-    alone = pipe(_labels()[1], num_steps=5, seed=[derive_seed(3, 1)])
+    assert np.array_equal(pipe(_labels(), num_inference_steps=5, seed=3), fast)  # graph replays give the same numbers
+    alone = pipe(_labels()[1], num_inference_steps=5, seed=[derive_seed(3, 1)])
     assert np.array_equal(alone, fast[1:2]) and unguided.shape == (1, 32, 32, 3)
     fp32, eager = _fp32_and_eager_bf16(random_tiny_net, tiny_cfg)
     assert _pixel_gap(fast, fp32)[0] < 1.5 * max(_pixel_gap(eager, fp32)[0], 0.5)
@@ -146,10 +146,10 @@ def test_the_feature_cache_on_cuda_reuses_the_deep_features_exactly_and_keeps_ro
         assert torch.equal(net(x, t, label, cache), ref)  # a shallow step on the full step's input: its output
         assert not torch.allclose(net(x2, t, label, cache), net(x2, t, label), atol=1e-3)
     pipe = SDMPipeline(random_tiny_net, tiny_cfg, device="cuda", precision="bf16", micro_batch=4)
-    together = pipe(_labels(), num_steps=6, num_samples=2, seed=7, cache_interval=3)
-    alone = pipe(_labels()[1], num_steps=6, seed=[derive_seed(7, 2), derive_seed(7, 3)], num_samples=2, cache_interval=3)
+    together = pipe(_labels(), num_inference_steps=6, num_samples=2, seed=7, cache_interval=3)
+    alone = pipe(_labels()[1], num_inference_steps=6, seed=[derive_seed(7, 2), derive_seed(7, 3)], num_samples=2, cache_interval=3)
     assert np.array_equal(alone, together[2:4])
-    assert not np.array_equal(together, pipe(_labels(), num_steps=6, num_samples=2, seed=7))
+    assert not np.array_equal(together, pipe(_labels(), num_inference_steps=6, num_samples=2, seed=7))
 
 
 def test_fused_adamw_on_cuda_is_one_kernel_and_the_same_update_as_the_loop(tiny_cfg):

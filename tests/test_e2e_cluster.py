@@ -60,7 +60,7 @@ def test_a_generation_job_submitted_to_the_cluster_writes_a_dataset_to_s3(cluste
     out = f"s3://{cluster.bucket}/generated"
     job = cluster.submit(
         "python", "-m", "jobs.generate", "--model", run, "--labels", f"s3://{cluster.bucket}/data", "--split", "val",
-        "--out", out, "--samples-per-label", "1", "--guidance", "1.5", "--sampler", "ddim", "--steps", "2",
+        "--out", out, "--samples-per-label", "1", "--guidance-scale", "1.5", "--sampler", "ddim", "--num-inference-steps", "2",
         "--seed", "0", "--batch-size", "8", "--num-gpus-per-worker", "0", "--concurrency", "1",
         "--segmenter-steps", "5", "--min-consistency", "0",  # the built-in segmenter, placed on S3 for the scoring actors
     )

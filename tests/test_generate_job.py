@@ -28,6 +28,7 @@ from sdm.imageio import encode_png
 from sdm.metrics.consistency import score_pairs
 from sdm.metrics.segmenter import load_segmenter
 from sdm.data.toy import render_toy_sample, write_toy_dataset
+from sdm.config import SamplingParams
 from sdm.generated_dataset import REJECTS_FILE, GenerationOutput, GenerationSettings, call_seed
 from sdm.pipeline import SDMPipeline
 
@@ -53,8 +54,8 @@ def toy_labels(tmp_path_factory) -> str:
 
 def _args(model: str, labels: str, out: str, *extra: str) -> list[str]:
     """Pairs are not scored unless `extra` names a segmenter (later flags win)."""
-    return ["--model", model, "--labels", labels, "--out", out, "--sampler", "ddim", "--steps", str(STEPS),
-            "--guidance", "1.5", "--seed", "7", "--micro-batch", "4", "--segmenter", "none", *extra]
+    return ["--model", model, "--labels", labels, "--out", out, "--sampler", "ddim", "--num-inference-steps", str(STEPS),
+            "--guidance-scale", "1.5", "--seed", "7", "--micro-batch", "4", "--segmenter", "none", *extra]
 
 
 def _rows(uri: str) -> dict[str, dict]:
@@ -69,7 +70,7 @@ def _reference(model: str, label: np.ndarray, instance: np.ndarray | None, row: 
     """Sample (key, k) alone through the pipeline from the row's recorded seed and index, as PNG bytes."""
     pipe = SDMPipeline.from_pretrained(model, micro_batch=4)
     k = row["sample_index"]
-    images = pipe(label, instances=instance, guidance_scale=row["guidance"], num_steps=row["steps"], sampler=row["sampler"],
+    images = pipe(label, instances=instance, guidance_scale=row["guidance"], num_inference_steps=row["steps"], sampler=row["sampler"],
                   seed=row["seed"], num_samples=k + 1)
     return encode_png(images[k])
 
@@ -177,7 +178,7 @@ def test_refused_before_any_worker_starts(random_model, toy_labels, tmp_path, ca
     assert main(_args(random_model, five, out)) == EXIT_REFUSED
     err = capsys.readouterr().err
     assert f"dataset {five} ('toy') has 5 classes but model {random_model} ('tiny') takes 6" in err
-    assert main(_args(random_model, toy_labels, out, "--steps", "0")) == EXIT_REFUSED
+    assert main(_args(random_model, toy_labels, out, "--num-inference-steps", "0")) == EXIT_REFUSED
     with pytest.raises(SystemExit) as exit_:
         main(_args(random_model, toy_labels, out, "--concurrency", "3-1"))
     assert exit_.value.code == EXIT_REFUSED
@@ -332,9 +333,12 @@ def test_consistency_options_are_validated_before_any_worker_starts(random_model
 
 def test_an_output_from_before_scoring_counts_as_unscored(tmp_path):
     out = GenerationOutput(str(tmp_path / "old"))
-    old = GenerationSettings(model_id="m", sampler="ddim", steps=3, guidance=1.5, seed=7)
-    body = {k: v for k, v in old.to_dict().items() if k not in ("segmenter", "min_consistency", "max_retries")}
+    body = {"model_id": "m", "sampler": "ddim", "steps": 3, "guidance": 1.5, "seed": 7, "eta": 0.0, "cache_interval": 1,
+            "micro_batch": 8, "precision": "auto", "fast_path": True, "compile": False, "output_format": "shards",
+            "seed_rule": 2}  # format 1, from before the label-consistency stage
     storage.write_bytes(str(tmp_path / "old" / "generation.json"), json.dumps(body).encode())
+    old = GenerationSettings(model_id="m", sampling=SamplingParams(sampler="ddim", num_inference_steps=3, guidance_scale=1.5, eta=0.0),
+                             seed=7)
     out.claim(old)  # unscored, as it was written
     with pytest.raises(InvalidInputError, match="segmenter: 'none' there, 'builtin:x' now"):
         out.claim(dataclasses.replace(old, segmenter="builtin:x"))

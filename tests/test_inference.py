@@ -38,13 +38,13 @@ def test_fast_path_holds_conv_and_linear_weights_in_bf16_channels_last_and_leave
     assert all(p.dtype == torch.float32 and p.is_contiguous() for p in random_tiny_net.parameters())
     fp32 = SDMPipeline(random_tiny_net, tiny_cfg, device="cpu", precision="fp32")
     assert all(p.dtype == torch.float32 for p in fp32.net.parameters())
-    assert SDMPipeline(random_tiny_net, tiny_cfg, device="cpu", precision="bf16", fast=False).net is random_tiny_net
+    assert SDMPipeline(random_tiny_net, tiny_cfg, device="cpu", precision="bf16", fast_path=False).net is random_tiny_net
 
 
 def test_fast_path_network_output_matches_the_eager_network(random_tiny_net, tiny_cfg):
     """fp32: only the summation order changes; bf16: the same bf16 weight values autocast would make, other kernels."""
     eager32, fast32, eager16, fast16 = (
-        SDMPipeline(random_tiny_net, tiny_cfg, device="cpu", precision=p, fast=f)
+        SDMPipeline(random_tiny_net, tiny_cfg, device="cpu", precision=p, fast_path=f)
         for p, f in (("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True))
     )
     label = eager32.prepare_labels(_labels(2))
@@ -61,8 +61,8 @@ def test_fast_path_network_output_matches_the_eager_network(random_tiny_net, tin
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_fast_path_images_are_close_to_the_eager_fp32_images(random_tiny_net, tiny_cfg, precision):
     labels = _labels(2)
-    eager = SDMPipeline(random_tiny_net, tiny_cfg, device="cpu", precision="fp32", fast=False)(labels, num_steps=5, seed=3)
-    fast = SDMPipeline(random_tiny_net, tiny_cfg, device="cpu", precision=precision)(labels, num_steps=5, seed=3)
+    eager = SDMPipeline(random_tiny_net, tiny_cfg, device="cpu", precision="fp32", fast_path=False)(labels, num_inference_steps=5, seed=3)
+    fast = SDMPipeline(random_tiny_net, tiny_cfg, device="cpu", precision=precision)(labels, num_inference_steps=5, seed=3)
     diff = np.abs(eager.astype(int) - fast.astype(int))
     if precision == "fp32":
         assert diff.max() <= 2  # another summation order: a level or two at most
@@ -88,15 +88,15 @@ def test_compiled_sampling_is_compiled_once_keeps_batch_independence_and_matches
     compiled.warm_up()
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     labels = _labels(3)
-    together = compiled(labels, num_steps=4, num_samples=2, seed=7, guidance_scale=2.0)
-    unguided = compiled(labels[:1], num_steps=2, seed=1, guidance_scale=1.0)
+    together = compiled(labels, num_inference_steps=4, num_samples=2, seed=7, guidance_scale=2.0)
+    unguided = compiled(labels[:1], num_inference_steps=2, seed=1, guidance_scale=1.0)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # no compilation after warm-up
-    alone = compiled(labels[1], num_steps=4, seed=[derive_seed(7, 2), derive_seed(7, 3)], num_samples=2, guidance_scale=2.0)
+    alone = compiled(labels[1], num_inference_steps=4, seed=[derive_seed(7, 2), derive_seed(7, 3)], num_samples=2, guidance_scale=2.0)
     assert np.array_equal(alone, together[2:4])
     assert unguided.shape == (1, 32, 32, 3)
     # compiled bf16 is about as far from fp32 as eager bf16 is: fusion rounds differently, no worse
     fp32, eager = (SDMPipeline(net, cfg, device="cpu", precision=p, micro_batch=4)(
-        labels, num_steps=4, num_samples=2, seed=7, guidance_scale=2.0).astype(int) for p in ("fp32", "bf16"))
+        labels, num_inference_steps=4, num_samples=2, seed=7, guidance_scale=2.0).astype(int) for p in ("fp32", "bf16"))
     eager_error, compiled_error = np.abs(eager - fp32).mean(), np.abs(together.astype(int) - fp32).mean()
     print(f"mean |pixel - fp32|: eager bf16 {eager_error:.3f}, compiled bf16 {compiled_error:.3f}")
     assert 0 < compiled_error < 1.5 * eager_error
@@ -129,26 +129,26 @@ def test_cache_interval_k_runs_the_deep_path_on_every_kth_step(random_tiny_net, 
     pipe = SDMPipeline(random_tiny_net, tiny_cfg, device="cpu", precision="fp32", micro_batch=2)
     calls = []
     pipe.net.middle_block.register_forward_hook(lambda *_: calls.append(1))
-    pipe(_labels(2), num_steps=steps, seed=0, cache_interval=interval, sampler="ddim")
+    pipe(_labels(2), num_inference_steps=steps, seed=0, cache_interval=interval, sampler="ddim")
     assert len(calls) == full
 
 
 def test_cached_sampling_keeps_batch_independence_and_interval_1_is_the_uncached_path(random_tiny_net, tiny_cfg):
     pipe = SDMPipeline(random_tiny_net, tiny_cfg, device="cpu", precision="bf16", micro_batch=4)
     labels = _labels(3)
-    together = pipe(labels, num_steps=6, num_samples=2, seed=7, cache_interval=3)
-    alone = pipe(labels[1], num_steps=6, seed=[derive_seed(7, 2), derive_seed(7, 3)], num_samples=2, cache_interval=3)
+    together = pipe(labels, num_inference_steps=6, num_samples=2, seed=7, cache_interval=3)
+    alone = pipe(labels[1], num_inference_steps=6, seed=[derive_seed(7, 2), derive_seed(7, 3)], num_samples=2, cache_interval=3)
     assert np.array_equal(alone, together[2:4])
-    assert np.array_equal(pipe(labels, num_steps=6, num_samples=2, seed=7, cache_interval=1),
-                          pipe(labels, num_steps=6, num_samples=2, seed=7))
-    assert not np.array_equal(together, pipe(labels, num_steps=6, num_samples=2, seed=7))
+    assert np.array_equal(pipe(labels, num_inference_steps=6, num_samples=2, seed=7, cache_interval=1),
+                          pipe(labels, num_inference_steps=6, num_samples=2, seed=7))
+    assert not np.array_equal(together, pipe(labels, num_inference_steps=6, num_samples=2, seed=7))
 
 
 @pytest.mark.parametrize("bad", [0, 11, 2.5, True, "2"])
 def test_a_bad_cache_interval_is_refused_by_name(random_tiny_net, tiny_cfg, bad):
     pipe = SDMPipeline(random_tiny_net, tiny_cfg, device="cpu", precision="fp32")
     with pytest.raises(InvalidInputError, match=r"cache_interval must be an integer in \[1, 10\]"):
-        pipe(_labels(1), num_steps=2, cache_interval=bad)
+        pipe(_labels(1), num_inference_steps=2, cache_interval=bad)
 
 
 def test_precomputed_modulations_give_the_networks_output_exactly(random_tiny_net, tiny_cfg):
@@ -170,8 +170,8 @@ def test_the_label_cache_computes_the_label_path_once_per_run_and_changes_no_pix
     spade = next(m for m in fast.net.modules() if isinstance(m, SPADE))
     spade.mlp_shared.register_forward_hook(lambda *_: calls.append(1))
     labels = _labels(3)
-    cached = fast(labels, num_steps=5, seed=4, guidance_scale=guidance)
+    cached = fast(labels, num_inference_steps=5, seed=4, guidance_scale=guidance)
     assert len(calls) == 1  # one micro-batch of 4 rows: once, not once per step
     fast.runner.label_cache = False
-    assert np.array_equal(fast(labels, num_steps=5, seed=4, guidance_scale=guidance), cached)
+    assert np.array_equal(fast(labels, num_inference_steps=5, seed=4, guidance_scale=guidance), cached)
     assert len(calls) == 1 + 5

@@ -27,7 +27,7 @@ def _label(seed=0, b=None):
 
 
 def test_returns_uint8_images_per_label_and_sample(pipe):
-    out = pipe(_label(b=2), num_steps=3, num_samples=3, seed=1)
+    out = pipe(_label(b=2), num_inference_steps=3, num_samples=3, seed=1)
     assert out.shape == (6, 32, 32, 3) and out.dtype == np.uint8
     assert len({out[i].tobytes() for i in range(6)}) == 6  # every sample differs
 
@@ -36,21 +36,21 @@ def test_returns_uint8_images_per_label_and_sample(pipe):
 def test_same_seed_same_images_whatever_the_batch(random_tiny_net, tiny_cfg, precision):
     pipe = SDMPipeline(random_tiny_net, tiny_cfg, device="cpu", precision=precision, micro_batch=4)
     labels = _label(b=3)
-    together = pipe(labels, num_steps=4, num_samples=2, seed=7)  # 6 rows: micro-batches of 4 + 2 padded
+    together = pipe(labels, num_inference_steps=4, num_samples=2, seed=7)  # 6 rows: micro-batches of 4 + 2 padded
     # sample k of label b is the same when the label map is sent alone with the same row seed: exact, as the
     # network sees the same micro-batch size and layout whatever the other rows are
-    alone = pipe(labels[1], num_steps=4, seed=[derive_seed(7, 2), derive_seed(7, 3)], num_samples=2)
+    alone = pipe(labels[1], num_inference_steps=4, seed=[derive_seed(7, 2), derive_seed(7, 3)], num_samples=2)
     assert np.array_equal(alone, together[2:4])
     # a channels-last label input gives the same bytes (the runner makes each micro-batch contiguous)
     label = pipe.prepare_labels(labels).repeat_interleave(2, dim=0)
     strided = label.contiguous(memory_format=torch.channels_last)
-    assert np.array_equal(pipe.runner(strided, [derive_seed(7, r) for r in range(6)], pipe.params(num_steps=4)), together)
-    assert not np.array_equal(pipe(labels, num_steps=4, num_samples=2, seed=8), together)
+    assert np.array_equal(pipe.runner(strided, [derive_seed(7, r) for r in range(6)], pipe.params(num_inference_steps=4)), together)
+    assert not np.array_equal(pipe(labels, num_inference_steps=4, num_samples=2, seed=8), together)
 
 
 def test_other_micro_batch_sizes_differ_by_rounding_at_most(random_tiny_net, tiny_cfg):
     labels = _label(b=3)
-    runs = [SDMPipeline(random_tiny_net, tiny_cfg, "cpu", "fp32", micro_batch=m)(labels, num_steps=4, num_samples=2, seed=7)
+    runs = [SDMPipeline(random_tiny_net, tiny_cfg, "cpu", "fp32", micro_batch=m)(labels, num_inference_steps=4, num_samples=2, seed=7)
             for m in (1, 8)]
     diff = np.abs(runs[0].astype(int) - runs[1].astype(int))
     assert diff.max() <= 2  # fp32 kernels may sum in another order for another batch size: a level or two at most
@@ -58,9 +58,9 @@ def test_other_micro_batch_sizes_differ_by_rounding_at_most(random_tiny_net, tin
 
 def test_accepts_pil_and_tensor_label_maps(pipe):
     lab = _label().astype(np.uint8)
-    a = pipe(lab, num_steps=2, seed=0)
-    b = pipe(Image.fromarray(lab, mode="L"), num_steps=2, seed=0)
-    c = pipe(torch.from_numpy(lab), num_steps=2, seed=0)
+    a = pipe(lab, num_inference_steps=2, seed=0)
+    b = pipe(Image.fromarray(lab, mode="L"), num_inference_steps=2, seed=0)
+    c = pipe(torch.from_numpy(lab), num_inference_steps=2, seed=0)
     assert np.array_equal(a, b) and np.array_equal(a, c)
 
 
@@ -70,8 +70,8 @@ def test_accepts_pil_and_tensor_label_maps(pipe):
         ({"guidance_scale": float("nan")}, "guidance_scale"),
         ({"guidance_scale": -1.0}, "guidance_scale"),
         ({"guidance_scale": 1e30}, r"guidance_scale must be a number in \[0, 100\]"),
-        ({"num_steps": 0}, "sampling steps"),
-        ({"num_steps": 1001}, r"sampling steps must be an integer in \[1, 1000\], got 1001"),
+        ({"num_inference_steps": 0}, "sampling steps"),
+        ({"num_inference_steps": 1001}, r"sampling steps must be an integer in \[1, 1000\], got 1001"),
         ({"eta": 2.0}, "eta must be a number in"),
         ({"sampler": "euler"}, "unknown sampler 'euler'"),
         ({"num_samples": 0}, "num_samples"),
@@ -86,7 +86,7 @@ def test_out_of_range_class_ids_are_listed(pipe):
     lab = _label()
     lab[0, 0], lab[1, 1], lab[2, 2] = 6, 9, 9
     with pytest.raises(InvalidInputError, match=r"6 classes\): 6, 9$"):
-        pipe(lab, num_steps=1)
+        pipe(lab, num_inference_steps=1)
 
 
 @pytest.mark.parametrize(
@@ -101,18 +101,18 @@ def test_out_of_range_class_ids_are_listed(pipe):
 )
 def test_bad_label_maps_raise_one_clear_error(pipe, label, message):
     with pytest.raises(InvalidInputError, match=message):
-        pipe(label, num_steps=1)
+        pipe(label, num_inference_steps=1)
 
 
 def test_instance_map_must_match(pipe):
     with pytest.raises(InvalidInputError, match="instance maps"):
-        pipe(_label(), instances=np.zeros((16, 16), dtype=np.int64), num_steps=1)
+        pipe(_label(), instances=np.zeros((16, 16), dtype=np.int64), num_inference_steps=1)
 
 
 def test_bf16_inference_is_close_to_fp32(random_tiny_net, tiny_cfg):
     lab = _label(b=2)
-    fp32 = SDMPipeline(random_tiny_net, tiny_cfg, device="cpu", precision="fp32")(lab, num_steps=5, seed=3)
-    bf16 = SDMPipeline(random_tiny_net, tiny_cfg, device="cpu", precision="bf16")(lab, num_steps=5, seed=3)
+    fp32 = SDMPipeline(random_tiny_net, tiny_cfg, device="cpu", precision="fp32")(lab, num_inference_steps=5, seed=3)
+    bf16 = SDMPipeline(random_tiny_net, tiny_cfg, device="cpu", precision="bf16")(lab, num_inference_steps=5, seed=3)
     diff = np.abs(fp32.astype(int) - bf16.astype(int))
     # a randomly initialised model is chaotic where clipping flips, so bound the mean and the tail
     assert diff.mean() < 3.0 and (diff > 16).mean() < 0.02
@@ -127,8 +127,8 @@ def test_checkpoint_round_trip_is_exact(tmp_path, random_tiny_net, tiny_cfg):
     for (k, a), (k2, b) in zip(random_tiny_net.state_dict().items(), net.state_dict().items()):
         assert k == k2 and torch.equal(a, b)
     lab = _label()
-    a = SDMPipeline(random_tiny_net, tiny_cfg, "cpu", "fp32")(lab, num_steps=3, seed=0)
-    b = SDMPipeline.from_pretrained(f"file://{tmp_path}/m", "cpu", "fp32")(lab, num_steps=3, seed=0)
+    a = SDMPipeline(random_tiny_net, tiny_cfg, "cpu", "fp32")(lab, num_inference_steps=3, seed=0)
+    b = SDMPipeline.from_pretrained(f"file://{tmp_path}/m", "cpu", "fp32")(lab, num_inference_steps=3, seed=0)
     assert np.array_equal(a, b)
 
 
@@ -195,11 +195,11 @@ def test_raw_label_remapping_of_ade20k_and_coco():
 def test_per_row_guidance_matches_separate_calls(pipe):
     label = pipe.prepare_labels(_label(b=3))
     seeds = [derive_seed(3, 0), derive_seed(3, 1), derive_seed(3, 2)]
-    params = pipe.params(num_steps=3, sampler="ddim")
+    params = pipe.params(num_inference_steps=3, sampler="ddim")
     mixed = pipe.runner(label, seeds, params, guidance=[1.5, 3.0, 1.0])
     for i, g in enumerate([1.5, 3.0, 1.0]):  # exact: each row is computed as it would be alone
-        assert np.array_equal(mixed[i : i + 1], pipe.runner(label[i : i + 1], seeds[i : i + 1], pipe.params(g, 3, "ddim")))
-    assert not np.array_equal(mixed[1:2], pipe.runner(label[1:2], seeds[1:2], pipe.params(1.5, 3, "ddim")))
+        assert np.array_equal(mixed[i : i + 1], pipe.runner(label[i : i + 1], seeds[i : i + 1], pipe.params(guidance_scale=g, num_inference_steps=3, sampler="ddim")))
+    assert not np.array_equal(mixed[1:2], pipe.runner(label[1:2], seeds[1:2], pipe.params(guidance_scale=1.5, num_inference_steps=3, sampler="ddim")))
     with pytest.raises(InvalidInputError, match="guidance_scale must be a number in"):
         pipe.runner(label, seeds, params, guidance=[1.5, 1e30, 1.0])
 
@@ -208,19 +208,20 @@ def test_edit_keeps_unmasked_pixels_and_regenerates_the_mask(pipe):
     image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     mask = np.zeros((32, 32), np.uint8)
     mask[8:24, 8:24] = 1
-    out = pipe.edit(image, mask, _label(), num_steps=4, seed=5, num_samples=2)
+    out = pipe.edit(image, mask, _label(), num_inference_steps=4, seed=5, num_samples=2)
     assert out.shape == (2, 32, 32, 3)
     assert np.array_equal(out[:, mask == 0], np.broadcast_to(image[mask == 0], out[:, mask == 0].shape))
     assert not np.array_equal(out[0][mask == 1], image[mask == 1])
     assert not np.array_equal(out[0], out[1])
-    assert np.array_equal(out, pipe.edit(image, mask, _label(), num_steps=4, seed=5, num_samples=2))
+    assert np.array_equal(out, pipe.edit(image, mask, _label(), num_inference_steps=4, seed=5, num_samples=2))
     with pytest.raises(InvalidInputError, match="must both match the label map size"):
-        pipe.edit(image[:16], mask, _label(), num_steps=1)
+        pipe.edit(image[:16], mask, _label(), num_inference_steps=1)
 
 
 def test_configs_stored_with_the_old_step_names_still_load():
     """Earlier configs called both the diffusion length and the sampling steps `steps`."""
     d = json.loads(get_preset("tiny").to_json())
+    del d["format_version"]  # stored before configs had one: format 1
     d["diffusion"]["steps"] = d["diffusion"].pop("num_timesteps")
     d["sampling"]["steps"] = d["sampling"].pop("num_inference_steps")
     assert SDMConfig.from_dict(d) == get_preset("tiny")
@@ -228,3 +229,20 @@ def test_configs_stored_with_the_old_step_names_still_load():
     assert (cfg.sampling.num_inference_steps, cfg.diffusion.num_timesteps) == (40, 500)
     with pytest.raises(ConfigError, match="sampling steps must be an integer in \\[1, 500\\], got 600"):
         get_preset("tiny").with_overrides(["diffusion.num_timesteps=500", "sampling.num_inference_steps=600"])
+
+
+def test_the_deprecated_parameter_names_warn_and_draw_the_same_bytes(pipe, random_tiny_net, tiny_cfg):
+    new = pipe(_label(), num_inference_steps=2, seed=3, num_samples=2)
+    with pytest.warns(DeprecationWarning, match="'num_steps' is deprecated and will be removed; use 'num_inference_steps'"):
+        old = pipe(_label(), num_steps=2, seed=3, num_samples=2)
+    assert np.array_equal(old, new) and not np.array_equal(new, pipe(_label(), num_inference_steps=3, seed=3, num_samples=2))
+    image, mask = np.zeros((32, 32, 3), np.uint8), np.ones((32, 32), np.uint8)
+    with pytest.warns(DeprecationWarning, match="'num_steps'"):
+        assert np.array_equal(pipe.edit(image, mask, _label(), num_steps=2, seed=1), pipe.edit(image, mask, _label(), num_inference_steps=2, seed=1))
+    with pytest.warns(DeprecationWarning), pytest.raises(InvalidInputError, match="num_inference_steps and its deprecated name num_steps disagree"):
+        pipe(_label(), num_inference_steps=2, num_steps=3)
+    with pytest.warns(DeprecationWarning, match="'fast' is deprecated and will be removed; use 'fast_path'"):
+        eager_old = SDMPipeline(random_tiny_net, tiny_cfg, device="cpu", precision="fp32", fast=False)
+    eager = SDMPipeline(random_tiny_net, tiny_cfg, device="cpu", precision="fp32", fast_path=False)
+    assert eager_old.net is random_tiny_net and not eager_old.runner.label_cache and not eager.runner.label_cache
+    assert np.array_equal(eager_old(_label(), num_inference_steps=2, seed=3), eager(_label(), num_inference_steps=2, seed=3))

@@ -60,7 +60,7 @@ def test_model_route_reports_classes_palette_and_defaults(url):
     assert info["preset"] == "tiny" and info["resolution"] == {"height": 32, "width": 32}
     assert info["num_classes"] == 6 and info["class_names"][:2] == ["sky", "tree"]
     assert info["palette"][0] == list(PALETTE[0])
-    assert info["defaults"] == {"guidance_scale": 1.5, "steps": 25, "sampler": "ddim"}
+    assert info["defaults"] == {"guidance_scale": 1.5, "num_inference_steps": 25, "sampler": "ddim", "eta": 1.0, "cache_interval": 1}
     assert set(info["samplers"]) == {"ddpm", "ddim", "dpm++", "dpm++sde"}
 
 
@@ -92,7 +92,7 @@ def test_served_images_match_the_library_pipeline(url, model_dir):
     torch.set_num_threads(1)  # as in the replica
     try:
         pipe = SDMPipeline.from_pretrained(model_dir, device="cpu")
-        direct = pipe(label_map(), num_steps=STEPS, seed=3, num_samples=2)
+        direct = pipe(label_map(), num_inference_steps=STEPS, seed=3, num_samples=2)
     finally:
         torch.set_num_threads(threads)
     assert np.abs(served.astype(int) - direct.astype(int)).max() <= 2  # equal up to kernel rounding
@@ -262,16 +262,16 @@ def test_the_python_client_draws_the_pipelines_images_and_raises_the_servers_err
     client = SDMClient(url)
     assert client.model()["num_classes"] == 6
     label = label_map(seed=5)
-    images = client.generate(label, num_steps=STEPS, guidance_scale=2.0, seed=11, num_samples=2)
+    images = client.generate(label, num_inference_steps=STEPS, guidance_scale=2.0, seed=11, num_samples=2)
     pipe = SDMPipeline.from_pretrained(model_dir, device="cpu")
     assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
-    assert np.array_equal(images, pipe(label, num_steps=STEPS, guidance_scale=2.0, seed=11, num_samples=2))
+    assert np.array_equal(images, pipe(label, num_inference_steps=STEPS, guidance_scale=2.0, seed=11, num_samples=2))
     image = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     mask = np.pad(np.ones((16, 16), np.uint8), 8)
-    edited = client.edit(image, mask, label, num_steps=STEPS, seed=3)
+    edited = client.edit(image, mask, label, num_inference_steps=STEPS, seed=3)
     assert np.array_equal(edited[0][mask == 0], image[mask == 0])
     with pytest.raises(ApiError) as refused:
-        client.generate(label, num_steps=0)
+        client.generate(label, num_inference_steps=0)
     assert (refused.value.status, refused.value.code) == (400, "invalid_parameter") and "steps" in refused.value.message
 
 
@@ -372,10 +372,10 @@ def test_the_python_client_retries_503_until_the_model_has_room(cluster, model_d
         assert 503 in {r.status_code for r in raw}  # the load does overload it
         client = SDMClient(app, max_retries=120)
         with ThreadPoolExecutor(6) as pool:
-            drawn = list(pool.map(lambda i: client.generate(label_map(), num_steps=10, seed=i), range(6)))
+            drawn = list(pool.map(lambda i: client.generate(label_map(), num_inference_steps=10, seed=i), range(6)))
         assert all(d.shape == (1, 32, 32, 3) for d in drawn)
         with pytest.raises(ApiError) as refused, ThreadPoolExecutor(6) as pool:  # without retries, the 503 comes out
-            list(pool.map(lambda i: SDMClient(app, max_retries=0).generate(label_map(), num_steps=10, seed=i), range(6)))
+            list(pool.map(lambda i: SDMClient(app, max_retries=0).generate(label_map(), num_inference_steps=10, seed=i), range(6)))
         assert (refused.value.status, refused.value.code) == (503, "overloaded")
     finally:
         from ray import serve
@@ -397,7 +397,7 @@ def test_every_door_draws_the_same_bytes(cluster, url, model_dir, tmp_path, prec
         (labels / f"map{i}.png").write_bytes(png(label_map(seed=20 + i)))
     out = str(tmp_path / "generated")
     assert generate_job(["--model", model_dir, "--labels", str(labels), "--out", out, "--samples-per-label", "2",
-                         "--steps", str(STEPS), "--sampler", "dpm++sde", "--guidance", "2.0", "--seed", "5",
+                         "--num-inference-steps", str(STEPS), "--sampler", "dpm++sde", "--guidance-scale", "2.0", "--seed", "5",
                          "--precision", precision, "--batch-size", "4", "--cpus-per-worker", "0.25"]) == 0
     # After the job, whose read and write tasks take a whole CPU of this 2-CPU cluster.
     base = url if precision == "auto" else deploy(
@@ -408,14 +408,14 @@ def test_every_door_draws_the_same_bytes(cluster, url, model_dir, tmp_path, prec
     for row in rows[:3]:
         k, seed = row["sample_index"], row["seed"]
         label_png = (labels / f"{row['source_key']}.png").read_bytes()
-        params = {"steps": STEPS, "sampler": "dpm++sde", "guidance_scale": 2.0, "seed": seed, "num_samples": k + 1}
-        direct = pipe(read_png(label_png), num_steps=STEPS, sampler="dpm++sde", guidance_scale=2.0, seed=seed, num_samples=k + 1)
+        params = {"num_inference_steps": STEPS, "sampler": "dpm++sde", "guidance_scale": 2.0, "seed": seed, "num_samples": k + 1}
+        direct = pipe(read_png(label_png), num_inference_steps=STEPS, sampler="dpm++sde", guidance_scale=2.0, seed=seed, num_samples=k + 1)
         served = requests.post(f"{base}/v1/generate", json={"label": base64.b64encode(label_png).decode(), **params},
                                headers={"Accept": "application/json"}, timeout=120)
         assert served.status_code == 200, served.text
         cli_out = tmp_path / f"cli-{row['key']}"
         assert sdm_cli(["sample", "--model", model_dir, "--labels", str(labels / f"{row['source_key']}.png"), "--out", str(cli_out),
-                        "--steps", str(STEPS), "--sampler", "dpm++sde", "--guidance", "2.0", "--seed", str(seed),
+                        "--num-inference-steps", str(STEPS), "--sampler", "dpm++sde", "--guidance-scale", "2.0", "--seed", str(seed),
                         "--num-samples", str(k + 1), "--precision", precision, "--device", "cpu"]) == 0
         job_image = read_png(row["image"])
         assert np.array_equal(direct[k], job_image)

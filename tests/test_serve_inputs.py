@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
 import json
 import math
@@ -18,8 +19,10 @@ from PIL import Image
 from starlette.requests import Request
 
 from hostile_corpus import load_corpus, multipart
+from sdm.config import SAMPLING_FIELDS, SamplingParams
 from serve.errors import ApiError
 from serve.inputs import Catalog, Job, Limits, ModelInfo, parse_job, read_body
+from serve.schema import REQUESTS
 from serve_helpers import label_map, png, random_tiny_model
 
 LIMITS = Limits(max_body_bytes=1 << 20)
@@ -62,9 +65,9 @@ def assert_valid_outcome(result: Job | ApiError, info: ModelInfo) -> None:
         assert 400 <= result.status < 500 and result.code and result.message, (result.status, result.message)
         return
     assert result.label.shape == info.size and result.label.min() >= 0 and result.label.max() < info.num_classes
-    assert 0 <= result.guidance_scale <= 100 and math.isfinite(result.guidance_scale)
-    assert 1 <= result.steps <= info.max_steps and 1 <= result.num_samples <= LIMITS.max_samples
-    assert 0 <= result.seed < 2**63 and result.model == "default" and 1 <= result.cache_interval <= 10
+    assert 0 <= result.sampling.guidance_scale <= 100 and math.isfinite(result.sampling.guidance_scale)
+    assert 1 <= result.sampling.num_inference_steps <= info.max_steps and 1 <= result.num_samples <= LIMITS.max_samples
+    assert 0 <= result.seed < 2**63 and result.model == "default" and 1 <= result.sampling.cache_interval <= 10
     if result.kind == "edit":
         assert result.image.shape == (*info.size, 3) and result.mask.shape == info.size and result.mask.any()
 
@@ -79,7 +82,7 @@ json_values = st.recursive(
     max_leaves=20,
 )
 param_values = json_values | st.sampled_from(["2", "1e30", "nan", "-1", "ddim", "dpm++", " 3", "0x10", "", "\x00"])
-PARAMS = ("guidance_scale", "steps", "sampler", "seed", "num_samples", "model", "cache_interval")
+PARAMS = ("guidance_scale", "num_inference_steps", "steps", "sampler", "seed", "num_samples", "model", "cache_interval")
 
 
 @FUZZ
@@ -148,15 +151,14 @@ def test_corrupted_files_of_any_format_in_any_field_are_a_job_or_a_4xx(info, fmt
 @given(guidance=st.floats(0, 100), steps=st.integers(1, 1000), seed=st.integers(0, 2**63 - 1), samples=st.integers(1, 4),
        sampler=st.sampled_from(["ddpm", "ddim", "dpm++", "dpm++sde"]))
 def test_a_valid_request_gives_the_same_job_as_json_or_multipart(info, guidance, steps, seed, samples, sampler):
-    params = {"guidance_scale": guidance, "steps": steps, "seed": seed, "num_samples": samples, "sampler": sampler}
+    params = {"guidance_scale": guidance, "num_inference_steps": steps, "seed": seed, "num_samples": samples, "sampler": sampler}
     as_json = parse(info, "generate", "application/json", _json({"label": base64.b64encode(LABEL).decode()} | params))
     body, content_type = multipart({"label": {"bytes": LABEL}} | {k: repr(v) if isinstance(v, float) else v for k, v in params.items()})
     as_form = parse(info, "generate", content_type, body)
     assert isinstance(as_json, Job) and isinstance(as_form, Job)
-    assert (as_json.guidance_scale, as_json.steps, as_json.seed, as_json.num_samples, as_json.sampler) == (
-        guidance, steps, seed, samples, sampler)
-    assert (as_form.guidance_scale, as_form.steps, as_form.seed, as_form.num_samples, as_form.sampler) == (
-        guidance, steps, seed, samples, sampler)
+    for job in (as_json, as_form):
+        assert (job.sampling.guidance_scale, job.sampling.num_inference_steps, job.seed, job.num_samples, job.sampling.sampler) == (
+            guidance, steps, seed, samples, sampler)
     assert np.array_equal(as_json.label, as_form.label) and np.array_equal(as_json.label, label_map())
 
 
@@ -203,3 +205,32 @@ def test_the_schema_refuses_with_the_apis_codes_and_names_the_field(info, fields
     body = {k: v for k, v in ({"label": base64.b64encode(LABEL).decode()} | fields).items() if v is not None}
     refused = parse(info, "generate", "application/json", _json(body))
     assert isinstance(refused, ApiError) and refused.status == 400 and refused.code == code and text in refused.message, refused
+
+
+def test_steps_is_the_deprecated_name_of_num_inference_steps_and_gives_the_same_job(info):
+    schema = REQUESTS["generate"].model_json_schema()["properties"]
+    assert schema["steps"]["deprecated"] is True and "deprecated" not in schema["num_inference_steps"]
+    label = {"label": base64.b64encode(LABEL).decode(), "seed": 3}
+    new = parse(info, "generate", "application/json", _json(label | {"num_inference_steps": 7}))
+    old = parse(info, "generate", "application/json", _json(label | {"steps": 7}))
+    both = parse(info, "generate", "application/json", _json(label | {"steps": 7, "num_inference_steps": 7}))
+    assert new.sampling == old.sampling == both.sampling == dataclasses.replace(info.defaults, num_inference_steps=7)
+    clash = parse(info, "generate", "application/json", _json(label | {"steps": 7, "num_inference_steps": 8}))
+    assert (clash.status, clash.code) == (400, "invalid_parameter") and "disagree" in clash.message
+    for name in ("steps", "num_inference_steps"):  # the limit names the field the request used
+        too_many = parse(info, "generate", "application/json", _json(label | {name: info.max_steps + 1}))
+        assert too_many.message == f"{name} must be in [1, {info.max_steps}], got {info.max_steps + 1}"
+
+
+def test_a_job_carries_the_models_defaults_with_the_requests_parameters(info):
+    job = parse(info, "generate", "application/json", _json({"label": base64.b64encode(LABEL).decode(), "guidance_scale": 3.0,
+                                                              "sampler": "dpm++", "cache_interval": 2}))
+    assert job.sampling == SamplingParams(guidance_scale=3.0, sampler="dpm++", num_inference_steps=info.defaults.num_inference_steps,
+                                          eta=info.defaults.eta, cache_interval=2)
+
+
+def test_the_published_defaults_are_the_models_sampling_params_field_for_field(info):
+    defaults = info.describe("default", LIMITS).defaults
+    assert tuple(type(defaults).model_fields) == SAMPLING_FIELDS
+    assert defaults.model_dump() == info.defaults.to_dict() == {
+        "guidance_scale": 1.5, "sampler": "ddim", "num_inference_steps": 25, "eta": 1.0, "cache_interval": 1}

@@ -56,7 +56,7 @@ def expected(models):
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # as in the replica
         try:
-            return pipes[name](label_map(seed), num_steps=STEPS, seed=seed)[0]
+            return pipes[name](label_map(seed), num_inference_steps=STEPS, seed=seed)[0]
         finally:
             torch.set_num_threads(threads)
 
@@ -140,7 +140,7 @@ def test_a_replica_evicts_the_least_recently_used_model_and_reloads_it_when_aske
         sequence = ["b", "c", "a", "a", "b"]
         holding = []
         for i, name in enumerate(sequence):
-            image = client.generate(label_map(i), num_steps=STEPS, seed=i, model=name)[0]
+            image = client.generate(label_map(i), num_inference_steps=STEPS, seed=i, model=name)[0]
             assert np.abs(image.astype(int) - expected(name, i).astype(int)).max() <= 2
             holding.append(sorted(held()))
         # LRU of 2: a b -> b c (a evicted) -> c a (b evicted) -> c a -> a b (c evicted)
@@ -163,7 +163,7 @@ def test_a_replica_evicts_the_least_recently_used_model_and_reloads_it_when_aske
                               "--app", "lru"], capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert cli.returncode == 0 and f"{replica}: a (2), b (2)" in cli.stdout, cli.stdout + cli.stderr
         with pytest.raises(ApiError) as unknown:
-            client.generate(label_map(0), num_steps=STEPS, model="nope")
+            client.generate(label_map(0), num_inference_steps=STEPS, model="nope")
         assert (unknown.value.status, unknown.value.code) == (404, "unknown_model")
         assert [m["name"] for m in client.models()["models"]] == ["a", "b", "c"]
     finally:

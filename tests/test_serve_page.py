@@ -27,7 +27,7 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 # tiny-b: the tiny network at another resolution (height 32, width 48), with 4 classes of its own and other defaults
 B_NAMES = ["cloud", "rock", "sand", "lava"]
 B_PALETTE = [(250, 250, 250), (90, 60, 30), (230, 200, 120), (255, 69, 0)]
-B_DEFAULTS = {"guidance_scale": 2.5, "steps": 3, "sampler": "dpm++"}
+B_DEFAULTS = {"guidance_scale": 2.5, "num_inference_steps": 3, "sampler": "dpm++"}
 B_TIMESTEPS = 200
 
 
@@ -38,7 +38,7 @@ def tiny_b_model(path: str) -> str:
         model=dataclasses.replace(base.model, image_size=(32, 48), num_classes=len(B_NAMES)),
         diffusion=dataclasses.replace(base.diffusion, num_timesteps=B_TIMESTEPS),
         sampling=dataclasses.replace(base.sampling, guidance_scale=B_DEFAULTS["guidance_scale"],
-                                     num_inference_steps=B_DEFAULTS["steps"], sampler=B_DEFAULTS["sampler"]),
+                                     num_inference_steps=B_DEFAULTS["num_inference_steps"], sampler=B_DEFAULTS["sampler"]),
     ).validate()
     save_model(path, perturbed(SDMUNet(config.model), seed=1), config, metadata={"origin": "random-init"})
     save_classes(path, B_NAMES, B_PALETTE)
@@ -208,7 +208,7 @@ def test_model_picker_switches_model_and_generates_with_it(url, browser):
     browser.save_screenshot(str(ARTIFACTS / "serve_page_model_b.png"))
 
     # the same map, seed and parameters straight to the API; and, for contrast, the blank map (sent together: one batch)
-    params = {"model": "tiny-b", "seed": "7", "steps": "3", "guidance_scale": "2.5", "sampler": "dpm++"}
+    params = {"model": "tiny-b", "seed": "7", "num_inference_steps": "3", "guidance_scale": "2.5", "sampler": "dpm++"}
     with ThreadPoolExecutor(2) as pool:
         direct, blank = pool.map(
             lambda m: requests.post(url + "/v1/generate", files={"label": png(m)}, data=params, timeout=120),

@@ -94,7 +94,7 @@ def test_pretrain_two_workers_learns_exports_splits_data_and_logs_what_it_does(c
     assert _checkpoints(run) == ["checkpoint_00000015", "checkpoint_00000030"]
     assert load_progress(f"{run}/checkpoint_00000030").step == 30
     pipe = SDMPipeline.from_pretrained(run, device="cpu")
-    images = pipe(np.zeros((32, 32), dtype=np.int64), num_steps=3, seed=0)
+    images = pipe(np.zeros((32, 32), dtype=np.int64), num_inference_steps=3, seed=0)
     assert images.shape == (1, 32, 32, 3)
     _assert_watchable(run, toy_data, out.stdout, mlflow_uri)
 
