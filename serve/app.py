@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Query, Request, Security
-from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
@@ -179,7 +179,8 @@ BODIES = {"/v1/generate": "generate", "/v1/edit": "edit"}
 
 def contract(maxima: dict[str, int], auth: bool, root_path: str = "") -> dict[str, Any]:
     """The OpenAPI document of a deployment: the routes of `app` with their bodies as JSON or a multipart form,
-    bounded by `maxima` (field -> the largest value a served model takes), with bearer auth where it has a token.
+    bounded by `maxima` (field -> the largest value a served model takes), with bearer auth required where it has a
+    token (`auth`) and optional (`{}`: no requirement) where it has none.
 
     Built from the module's `app`, not from the copy that `serve.ingress` pickles and serves: FastAPI tells an
     unset parameter example by the identity of its marker, which a pickled copy does not keep (`"example": {}`).
@@ -198,13 +199,11 @@ def contract(maxima: dict[str, int], auth: bool, root_path: str = "") -> dict[st
         operation["responses"].pop("422", None)  # FastAPI's answer to a bad parameter: _bad_query answers 400 instead
         for parameter in operation.get("parameters", []):  # text, like a form field: unset when left out, never null
             parameter["schema"] = not_null(parameter["schema"])
-        if not auth:
-            operation.pop("security", None)
-            operation["responses"].pop("401", None)
+        if not auth and "security" in operation:
+            operation["security"].append({})
+            operation["responses"].pop("401")
     for unused in ("HTTPValidationError", "ValidationError"):
         doc["components"]["schemas"].pop(unused, None)
-    if not auth:
-        doc["components"].pop("securitySchemes")
     if root_path:
         doc["servers"] = [{"url": root_path}]
     return doc
