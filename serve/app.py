@@ -38,7 +38,9 @@ from serve.errors import ApiError
 from serve.inputs import Catalog, Job, Limits, parse_job, read_body
 from serve.metrics import ApiMetrics
 from serve.model import Output, QueueTimeout, SDMModel
-from serve.schema import ErrorBody, GenerateResult, Health, ModelDescription, ModelList, multipart_schema, not_null, request_schema
+from serve.schema import (
+    ErrorBody, GenerateResult, Health, ModelDescription, ModelList, multipart_schema, not_null, request_schema,
+)
 
 logger = logging.getLogger("ray.serve")
 PAGE = Path(__file__).parent / "static" / "index.html"

@@ -159,7 +159,8 @@ def request_schema(kind: str, maxima: dict[str, int]) -> dict[str, Any]:
     for name, high in maxima.items():
         field = schema["properties"][name]
         _value_branch(field)["maximum"] = high
-        field["description"] += "; the maximum here is the largest over the served models"
+        note = "the maximum here is the largest over the served models"
+        field["description"] = f"{field['description']}; {note}" if "description" in field else note
     return schema
 
 

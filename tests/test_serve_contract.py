@@ -31,12 +31,12 @@ def _operations(doc: dict) -> list[dict]:
     return [op for methods in doc["paths"].values() for op in methods.values()]
 
 
+def _bodies(doc: dict, media_type: str = "application/json") -> list[dict]:
+    return [doc["paths"][p]["post"]["requestBody"]["content"][media_type]["schema"] for p in ("/v1/generate", "/v1/edit")]
+
+
 def _forms(doc: dict) -> list[dict]:
-    return [doc["paths"][p]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"] for p in ("/v1/generate", "/v1/edit")]
-
-
-def _bodies(doc: dict) -> list[dict]:
-    return [doc["paths"][p]["post"]["requestBody"]["content"]["application/json"]["schema"] for p in ("/v1/generate", "/v1/edit")]
+    return _bodies(doc, "multipart/form-data")
 
 
 def test_the_seed_bound_is_exact_in_the_documents_text():
@@ -66,8 +66,8 @@ def test_form_fields_and_query_parameters_cannot_be_null_while_json_fields_can()
     for form in _forms(doc):
         for name, field in form["properties"].items():
             assert "anyOf" not in field and field.get("type") != "null" and field.get("default", 0) is not None, name
-        assert form["properties"]["seed"] == {
-            "description": "unset: a random seed, returned in the answer", "title": "Seed", "type": "integer", "minimum": 0, "maximum": SEED_MAX}
+        assert form["properties"]["seed"] == {"description": "unset: a random seed, returned in the answer", "title": "Seed",
+                                              "type": "integer", "minimum": 0, "maximum": SEED_MAX}
         assert form["properties"]["label"] == {"type": "string", "format": "binary"}
     (model,) = doc["paths"]["/v1/model"]["get"]["parameters"]
     assert model["schema"]["type"] == "string" and "anyOf" not in model["schema"] and model["required"] is False
@@ -254,4 +254,5 @@ def test_without_the_token_every_route_but_the_probe_is_refused(apps):
     r = requests.post(f"{url}/v1/generate", json={"label": "AAAA"}, timeout=30)
     assert _code(r)[:2] == (401, "unauthorized")
     assert requests.get(f"{url}/healthz", timeout=30).status_code == 200
-    assert requests.get(f"{url}/v1/model", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).json()["limits"]["max_steps"] == 1000
+    described = requests.get(f"{url}/v1/model", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).json()
+    assert described["limits"]["max_steps"] == 1000
