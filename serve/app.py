@@ -8,6 +8,7 @@ multiplexed over the served models, with dynamic batching).
 # No `from __future__ import annotations`: FastAPI reads the route signatures' types at run time, in the replica.
 import asyncio
 import base64
+import copy
 import hmac
 import logging
 import os
@@ -19,6 +20,7 @@ from typing import Any
 
 from fastapi import FastAPI, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
@@ -37,7 +39,9 @@ from serve.errors import ApiError
 from serve.inputs import Catalog, Job, Limits, parse_job, read_body
 from serve.metrics import ApiMetrics
 from serve.model import Output, QueueTimeout, SDMModel
-from serve.schema import REQUESTS, ErrorBody, GenerateResult, Health, ModelDescription, ModelList, multipart_schema
+from serve.schema import (
+    ErrorBody, GenerateResult, Health, ModelDescription, ModelList, multipart_schema, not_null, request_schema,
+)
 
 logger = logging.getLogger("ray.serve")
 PAGE = Path(__file__).parent / "static" / "index.html"
@@ -153,6 +157,11 @@ def _unavailable(e: Exception) -> ApiError:
     return ApiError(503, "model_unavailable", f"the model deployment does not answer: {_cause(e)}", {"Retry-After": "2"})
 
 
+def _root_path(request: Request) -> str:
+    """Where the application is mounted (its Serve route prefix), as FastAPI's own /openapi.json and /docs use it."""
+    return request.scope.get("root_path", "").rstrip("/")
+
+
 def _cause(e: Exception) -> str:
     """The message of an exception raised in another replica (Ray wraps it with its traceback)."""
     return str(getattr(e, "cause", None) or e)
@@ -167,7 +176,11 @@ IMAGE_ANSWER = {
         "model": GenerateResult,
     }
 }
+# The deployment serves /openapi.json and /docs itself (SDMApi.openapi): its document depends on what it serves.
 app = FastAPI(
+    openapi_url=None,
+    docs_url=None,
+    redoc_url=None,
     title="Semantic Diffusion on Ray",
     version="1",
     summary="Images from semantic label maps (SDM), served by Ray Serve",
@@ -176,17 +189,39 @@ app = FastAPI(
 )
 
 
-def _body(kind: str) -> dict[str, Any]:
-    """The request body of a POST route in the OpenAPI document: the same fields as JSON or as a multipart form."""
-    return {
-        "requestBody": {
+BODIES = {"/v1/generate": "generate", "/v1/edit": "edit"}
+
+
+def contract(maxima: dict[str, int], auth: bool, root_path: str = "") -> dict[str, Any]:
+    """The OpenAPI document of a deployment: the routes of `app` with their bodies as JSON or a multipart form,
+    bounded by `maxima` (field -> the largest value a served model takes), with bearer auth required where it has a
+    token (`auth`) and optional (`{}`: no requirement) where it has none.
+
+    Built from the module's `app`, not from the copy that `serve.ingress` pickles and serves: FastAPI tells an
+    unset parameter example by the identity of its marker, which a pickled copy does not keep (`"example": {}`).
+    The bodies are set after FastAPI's document model, which holds bounds as floats (2**63 - 1 is not a float).
+    """
+    doc = copy.deepcopy(app.openapi())
+    for path, kind in BODIES.items():
+        doc["paths"][path]["post"]["requestBody"] = {
             "required": True,
             "content": {
-                "application/json": {"schema": REQUESTS[kind].model_json_schema()},
-                "multipart/form-data": {"schema": multipart_schema(kind)},
+                "application/json": {"schema": request_schema(kind, maxima)},
+                "multipart/form-data": {"schema": multipart_schema(kind, maxima)},
             },
         }
-    }
+    for operation in (op for methods in doc["paths"].values() for op in methods.values()):
+        operation["responses"].pop("422", None)  # FastAPI's answer to a bad parameter: _bad_query answers 400 instead
+        for parameter in operation.get("parameters", []):  # text, like a form field: unset when left out, never null
+            parameter["schema"] = not_null(parameter["schema"])
+        if not auth and "security" in operation:
+            operation["security"].append({})
+            operation["responses"].pop("401")
+    for unused in ("HTTPValidationError", "ValidationError"):
+        doc["components"]["schemas"].pop(unused, None)
+    if root_path:
+        doc["servers"] = [{"url": root_path}]
+    return doc
 
 
 bearer = HTTPBearer(auto_error=False, description=f"set when the app has a token (auth_token or {TOKEN_ENV})")
@@ -273,12 +308,23 @@ class SDMApi:
         self.token = auth_token
         self.request_timeout_s = request_timeout_s
         self.page = PAGE.read_bytes()
+        self.maxima = {"steps": max(info.max_steps for info in self.catalog.models.values()), "num_samples": limits.max_samples}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     @app.head("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:
         """The painting page."""
         return HTMLResponse(self.page)
+
+    @app.api_route("/openapi.json", methods=["GET", "HEAD"], include_in_schema=False)
+    async def openapi(self, request: Request) -> JSONResponse:
+        """This deployment's contract (`contract`): the bounds of the models it serves, bearer auth if it has a token."""
+        return JSONResponse(contract(self.maxima, self.token is not None, _root_path(request)))
+
+    @app.api_route("/docs", methods=["GET", "HEAD"], include_in_schema=False)
+    async def docs(self, request: Request) -> HTMLResponse:
+        """Swagger UI on the contract."""
+        return get_swagger_ui_html(openapi_url=f"{_root_path(request)}/openapi.json", title=f"{app.title} - Swagger UI")
 
     @app.get("/healthz", responses={503: {"model": ErrorBody}})
     @app.head("/healthz", include_in_schema=False)
@@ -300,7 +346,7 @@ class SDMApi:
         described = [info.describe(name, self.limits) for name, info in self.catalog.models.items()]
         return ModelList(default=self.catalog.default, models=described, max_loaded_per_replica=self.max_loaded)
 
-    @app.get("/v1/model", responses={401: {"model": ErrorBody}, 404: {"model": ErrorBody}})
+    @app.get("/v1/model", responses={status: {"model": ErrorBody} for status in (400, 401, 404)})
     @app.head("/v1/model", include_in_schema=False)
     async def model_info(
         self,
@@ -312,13 +358,13 @@ class SDMApi:
         name, info = self.catalog.pick(model)
         return info.describe(name, self.limits)
 
-    @app.post("/v1/generate", responses=ERRORS | IMAGE_ANSWER, openapi_extra=_body("generate"))
+    @app.post("/v1/generate", responses=ERRORS | IMAGE_ANSWER)
     async def generate(self, request: Request, credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> Response:
         """Images drawn from a label map."""
         self._authorize(credentials)
         return await self._draw("generate", request)
 
-    @app.post("/v1/edit", responses=ERRORS | IMAGE_ANSWER, openapi_extra=_body("edit"))
+    @app.post("/v1/edit", responses=ERRORS | IMAGE_ANSWER)
     async def edit(self, request: Request, credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> Response:
         """An image with the region under the mask regenerated from the (edited) label map."""
         self._authorize(credentials)

@@ -244,6 +244,9 @@ async def _fields(kind: str, request: Request, body: bytes) -> dict[str, Any]:
         except Exception as e:  # starlette/python-multipart raise several types for malformed bodies
             raise ApiError(400, "invalid_form", f"cannot parse the multipart body: {e}") from None
         try:  # uploads as bytes, and their spooled temporary files closed now rather than whenever collected
+            repeated = sorted({k for k in form.keys() if len(form.getlist(k)) > 1})
+            if repeated:  # a field is one value, as in the schema; a list sent as repeated fields is not one
+                raise ApiError(400, "invalid_form", f"fields {repeated} sent more than once; each takes one value")
             return {k: await v.read() if isinstance(v, UploadFile) else v for k, v in form.multi_items()}
         finally:
             await form.close()

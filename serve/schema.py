@@ -159,9 +159,36 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-def multipart_schema(kind: str) -> dict[str, Any]:
-    """The multipart/form-data variant of a route's JSON schema: files are uploads, parameters form fields."""
+def request_schema(kind: str, maxima: dict[str, int]) -> dict[str, Any]:
+    """A route's JSON body schema with a deployment's upper bounds: `maxima` maps a field to the largest value any
+    served model takes (each model's own limit is in GET /v1/models `limits`, and the server checks that one)."""
     schema = REQUESTS[kind].model_json_schema()
+    for name, high in maxima.items():
+        field = schema["properties"][name]
+        _value_branch(field)["maximum"] = high
+        note = "the maximum here is the largest over the served models"
+        field["description"] = f"{field['description']}; {note}" if "description" in field else note
+    return schema
+
+
+def multipart_schema(kind: str, maxima: dict[str, int]) -> dict[str, Any]:
+    """The multipart/form-data variant of a route's body schema: files are uploads, parameters form fields. A form
+    field is text and cannot be null: a field is left unset by leaving it out, so no field has a null branch."""
+    schema = request_schema(kind, maxima)
+    schema["properties"] = {name: not_null(field) for name, field in schema["properties"].items()}
     for name in FILE_FIELDS[kind]:
         schema["properties"][name] = {"type": "string", "format": "binary"}
     return schema
+
+
+def _value_branch(field: dict[str, Any]) -> dict[str, Any]:
+    """The schema of a field's values, without its null branch (a field of an optional type is anyOf [T, null])."""
+    return next((b for b in field.get("anyOf", []) if b != {"type": "null"}), field)
+
+
+def not_null(field: dict[str, Any]) -> dict[str, Any]:
+    """The schema of a field sent as text (a form field, a query parameter): its values, without null."""
+    if "anyOf" not in field:
+        return field
+    rest = {k: v for k, v in field.items() if k != "anyOf" and not (k == "default" and v is None)}
+    return rest | _value_branch(field)

@@ -147,6 +147,20 @@ def test_corrupted_files_of_any_format_in_any_field_are_a_job_or_a_4xx(info, fmt
         assert fmt == "PNG"  # only PNG is ever decoded for label maps and masks (the image also takes JPEG)
 
 
+
+def test_a_form_field_is_one_value_and_never_null(info):
+    """A form field is text: `null` is not a value (a field is unset by leaving it out), and a field sent twice is
+    refused rather than one of its values silently taken."""
+    body, content_type = multipart({"label": {"bytes": LABEL}, "seed": "null"})
+    refused = parse(info, "generate", content_type, body)
+    assert (refused.status, refused.code) == (400, "invalid_parameter") and "seed" in refused.message
+    body, content_type = multipart({"label": {"bytes": LABEL}, "steps": "3", "seed": "7"})
+    twice = body.replace(b'name="seed"', b'name="steps"')
+    refused = parse(info, "generate", content_type, twice)
+    assert (refused.status, refused.code, refused.message) == (
+        400, "invalid_form", "fields ['steps'] sent more than once; each takes one value")
+    assert parse(info, "generate", content_type, body).steps == 3
+
 @FUZZ
 @given(guidance=st.floats(0, 100), steps=st.integers(1, 1000), seed=st.integers(0, 2**63 - 1), samples=st.integers(1, 4),
        sampler=st.sampled_from(["ddpm", "ddim", "dpm++", "dpm++sde"]))
