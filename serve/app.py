@@ -192,6 +192,12 @@ app = FastAPI(
 BODIES = {"/v1/generate": "generate", "/v1/edit": "edit"}
 
 
+def maxima(max_steps: int, max_samples: int) -> dict[str, int]:
+    """The upper bounds a deployment publishes: its largest steps limit over the served models (under the field's
+    name and its deprecated one) and its samples limit."""
+    return {"num_inference_steps": max_steps, "steps": max_steps, "num_samples": max_samples}
+
+
 def contract(maxima: dict[str, int], auth: bool, root_path: str = "") -> dict[str, Any]:
     """The OpenAPI document of a deployment: the routes of `app` with their bodies as JSON or a multipart form,
     bounded by `maxima` (field -> the largest value a served model takes), with bearer auth required where it has a
@@ -308,7 +314,7 @@ class SDMApi:
         self.token = auth_token
         self.request_timeout_s = request_timeout_s
         self.page = PAGE.read_bytes()
-        self.maxima = {"steps": max(info.max_steps for info in self.catalog.models.values()), "num_samples": limits.max_samples}
+        self.maxima = maxima(max(info.max_steps for info in self.catalog.models.values()), limits.max_samples)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     @app.head("/", response_class=HTMLResponse, include_in_schema=False)

@@ -16,12 +16,12 @@ import time
 import pytest
 import requests
 
-from serve.app import contract
+from serve.app import contract, maxima
 from serve.schema import REQUESTS
 from serve_helpers import deploy, label_map, png, random_tiny_model, serve_cluster
 
 SEED_MAX = 2**63 - 1
-MAXIMA = {"steps": 50, "num_samples": 3}  # the open deployment's limits, other than the defaults (1000, 4)
+MAXIMA = maxima(50, 3)  # the open deployment's limits, other than the defaults (1000, 4)
 TOKEN = "s3cret"
 # The answers to a request outside the document's parameters; a request inside it must never get one of these.
 PARAMETER_CODES = {"invalid_parameter", "unknown_field", "missing_field", "invalid_json", "invalid_form",
@@ -52,14 +52,16 @@ def test_the_seed_bound_is_exact_in_the_documents_text():
 def test_the_deployments_maxima_are_published_with_where_each_models_own_limit_is():
     doc = contract(MAXIMA, auth=False)
     for schema in _bodies(doc):
-        steps = next(b for b in schema["properties"]["steps"]["anyOf"] if b["type"] == "integer")
-        assert (steps["minimum"], steps["maximum"]) == (1, 50)
+        for name in ("num_inference_steps", "steps"):  # the field and its deprecated name
+            steps = next(b for b in schema["properties"][name]["anyOf"] if b["type"] == "integer")
+            assert (steps["minimum"], steps["maximum"]) == (1, 50)
+            assert "limits.max_steps" in schema["properties"][name]["description"]
         assert (schema["properties"]["num_samples"]["minimum"], schema["properties"]["num_samples"]["maximum"]) == (1, 3)
-        assert "limits.max_steps" in schema["properties"]["steps"]["description"]
     for form in _forms(doc):
-        assert form["properties"]["steps"]["maximum"] == 50 and form["properties"]["num_samples"]["maximum"] == 3
-    assert contract({"steps": 1000, "num_samples": 4}, auth=False)["paths"]["/v1/edit"]["post"]["requestBody"][
-        "content"]["multipart/form-data"]["schema"]["properties"]["steps"]["maximum"] == 1000
+        assert form["properties"]["num_inference_steps"]["maximum"] == 50 and form["properties"]["steps"]["maximum"] == 50
+        assert form["properties"]["num_samples"]["maximum"] == 3
+    assert contract(maxima(1000, 4), auth=False)["paths"]["/v1/edit"]["post"]["requestBody"][
+        "content"]["multipart/form-data"]["schema"]["properties"]["num_inference_steps"]["maximum"] == 1000
 
 
 def test_form_fields_and_query_parameters_cannot_be_null_while_json_fields_can():
@@ -97,7 +99,7 @@ def apps(tmp_path_factory):
     """Two deployments of one random tiny model: open, with limits of its own; and behind a bearer token."""
     model = random_tiny_model(str(tmp_path_factory.mktemp("random_tiny_model")))
     with serve_cluster() as cluster:
-        limits = {"max_steps": MAXIMA["steps"], "max_samples": MAXIMA["num_samples"]}
+        limits = {"max_steps": MAXIMA["num_inference_steps"], "max_samples": MAXIMA["num_samples"]}
         yield {
             "open": deploy({"model_uri": model, "num_cpus": 0.25} | limits, "open", "/", cluster.http),
             "secure": deploy({"model_uri": model, "num_cpus": 0.25, "auth_token": TOKEN}, "secure", "/secure", cluster.http),
@@ -117,7 +119,7 @@ def test_each_deployment_serves_its_own_document(apps):
     FastAPI's marker), no 422, the exact seed bound, and the deployment's own maxima and auth."""
     open_doc, secure_doc = _served(apps["open"]), _served(apps["secure"])
     assert open_doc == contract(MAXIMA, auth=False)
-    assert secure_doc == contract({"steps": 1000, "num_samples": 4}, auth=True, root_path="/secure")
+    assert secure_doc == contract(maxima(1000, 4), auth=True, root_path="/secure")
     for doc in (open_doc, secure_doc):
         assert doc["paths"]["/v1/model"]["get"]["parameters"][0].keys() == {"name", "in", "required", "schema", "description"}
     for url in apps.values():
@@ -159,14 +161,14 @@ def test_the_four_contract_defects_stay_fixed(apps):
     # 3. The published maxima are the deployment's: at the maximum taken, one above refused.
     doc = _served(url)
     form = doc["paths"]["/v1/edit"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
-    for name in ("steps", "num_samples"):
+    for name in ("num_inference_steps", "steps", "num_samples"):
         high = form[name]["maximum"]
         assert high == MAXIMA[name]
         assert _code(_edit(url, label, **{name: high}))[:2] == (400, "invalid_image")
         status, code, message = _code(_edit(url, label, **{name: high + 1}))
         assert (status, code) == (400, "invalid_parameter") and f"{name} must be in [1, {high}]" in message
     limits = requests.get(f"{url}/v1/models", timeout=30).json()["models"][0]["limits"]
-    assert (limits["max_steps"], limits["max_samples"]) == (MAXIMA["steps"], MAXIMA["num_samples"])
+    assert (limits["max_steps"], limits["max_samples"]) == (MAXIMA["num_inference_steps"], MAXIMA["num_samples"])
     # 4. GET /v1/model answers what it declares: 200, or 404 for a model not served.
     assert requests.get(f"{url}/v1/model", params={"model": "nope"}, timeout=30).status_code == 404
     assert "422" not in doc["paths"]["/v1/model"]["get"]["responses"]

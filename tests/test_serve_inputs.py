@@ -154,12 +154,13 @@ def test_a_form_field_is_one_value_and_never_null(info):
     body, content_type = multipart({"label": {"bytes": LABEL}, "seed": "null"})
     refused = parse(info, "generate", content_type, body)
     assert (refused.status, refused.code) == (400, "invalid_parameter") and "seed" in refused.message
-    body, content_type = multipart({"label": {"bytes": LABEL}, "steps": "3", "seed": "7"})
-    twice = body.replace(b'name="seed"', b'name="steps"')
+    body, content_type = multipart({"label": {"bytes": LABEL}, "num_inference_steps": "3", "seed": "7"})
+    twice = body.replace(b'name="seed"', b'name="num_inference_steps"')
     refused = parse(info, "generate", content_type, twice)
     assert (refused.status, refused.code, refused.message) == (
-        400, "invalid_form", "fields ['steps'] sent more than once; each takes one value")
-    assert parse(info, "generate", content_type, body).steps == 3
+        400, "invalid_form", "fields ['num_inference_steps'] sent more than once; each takes one value")
+    assert parse(info, "generate", content_type, body).sampling.num_inference_steps == 3
+
 
 @FUZZ
 @given(guidance=st.floats(0, 100), steps=st.integers(1, 1000), seed=st.integers(0, 2**63 - 1), samples=st.integers(1, 4),
