@@ -177,10 +177,9 @@ def _sampling(req: SamplingFields, info: ModelInfo) -> SamplingParams:
     """The model's defaults with the request's parameters; the steps within the model's limit (info.max_steps is at
     most its number of diffusion steps), by the name the request gave them."""
     name, steps = "num_inference_steps", req.num_inference_steps
-    if req.steps is not None:  # the deprecated name
-        if steps is not None and steps != req.steps:
-            raise ApiError(400, "invalid_parameter", f"num_inference_steps ({steps}) and its deprecated name steps "
-                                                     f"({req.steps}) disagree; give num_inference_steps")
+    if req.steps is not None:  # the deprecated name; the document says "not both" (serve.schema.SamplingFields)
+        if steps is not None:
+            raise ApiError(400, "invalid_parameter", "give num_inference_steps or its deprecated name steps, not both")
         name, steps = "steps", req.steps
     if steps is not None:
         _at_most(name, steps, info.max_steps)

@@ -50,9 +50,9 @@ _STEPS = "denoising steps; at most the model's limits.max_steps"
 
 class SamplingFields(BaseModel):
     """The sampling parameters of both routes, by SamplingParams' names; unset ones take the model's defaults.
-    `steps`, the deprecated name of `num_inference_steps`, is still taken for one release."""
+    `steps`, the deprecated name of `num_inference_steps`, is still taken for one release, never with it."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"not": {"required": ["num_inference_steps", "steps"]}})
 
     model: str | None = Field(None, description=f"which served model draws (GET /v1/models); or the {MODEL_HEADER} header")
     guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False)

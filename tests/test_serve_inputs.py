@@ -228,10 +228,12 @@ def test_steps_is_the_deprecated_name_of_num_inference_steps_and_gives_the_same_
     label = {"label": base64.b64encode(LABEL).decode(), "seed": 3}
     new = parse(info, "generate", "application/json", _json(label | {"num_inference_steps": 7}))
     old = parse(info, "generate", "application/json", _json(label | {"steps": 7}))
-    both = parse(info, "generate", "application/json", _json(label | {"steps": 7, "num_inference_steps": 7}))
-    assert new.sampling == old.sampling == both.sampling == dataclasses.replace(info.defaults, num_inference_steps=7)
-    clash = parse(info, "generate", "application/json", _json(label | {"steps": 7, "num_inference_steps": 8}))
-    assert (clash.status, clash.code) == (400, "invalid_parameter") and "disagree" in clash.message
+    assert new.sampling == old.sampling == dataclasses.replace(info.defaults, num_inference_steps=7)
+    assert REQUESTS["generate"].model_json_schema()["not"] == {"required": ["num_inference_steps", "steps"]}
+    for steps in (7, 8):  # both names in one request: refused, as the document's `not` says, even when they agree
+        both = parse(info, "generate", "application/json", _json(label | {"steps": 7, "num_inference_steps": steps}))
+        assert (both.status, both.code, both.message) == (
+            400, "invalid_parameter", "give num_inference_steps or its deprecated name steps, not both")
     for name in ("steps", "num_inference_steps"):  # the limit names the field the request used
         too_many = parse(info, "generate", "application/json", _json(label | {name: info.max_steps + 1}))
         assert too_many.message == f"{name} must be in [1, {info.max_steps}], got {info.max_steps + 1}"
