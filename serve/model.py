@@ -200,7 +200,7 @@ class SDMModel:
         if group[0].known is not None:
             known = Known(torch.cat([p.known.x0 for p in group]), torch.cat([p.known.mask for p in group]))
         params = SamplingParams(job.guidance_scale, job.steps, job.sampler, pipe.config.sampling.eta, job.cache_interval)
-        return pipe.runner(
+        return pipe.sample_prepared(
             torch.cat([p.label for p in group]),
             [s for p in group for s in p.seeds],
             params,
