@@ -48,7 +48,8 @@ def bare_loop(pipe: SDMPipeline, samples: list[dict], args: argparse.Namespace) 
         part = samples[i : i + args.batch_size]
         x = pipe.prepare_labels([s["label"] for s in part], [s["instance"] for s in part])
         seeds = [sample_seed(args.seed, s["key"], 0) for s in part]
-        pipe.runner(x, seeds, pipe.params(guidance_scale=args.guidance, num_inference_steps=args.steps, sampler=args.sampler))
+        pipe.sample_prepared(x, seeds, pipe.params(guidance_scale=args.guidance, num_inference_steps=args.steps,
+                                                   sampler=args.sampler))
     return time.perf_counter() - start
 
 

@@ -34,7 +34,7 @@ from sdm.data.shards import iter_samples
 from sdm.data.toy import write_toy_dataset
 from sdm.device import training_precision
 from sdm.diffusion import GaussianDiffusion
-from sdm.labels import encode_raw_labels
+from sdm.labels import LabelEncoder
 from sdm.testing import blocky_batches
 from sdm.training import make_ema, make_optimizer, to_memory_format, train_step
 from sdm.unet import SDMUNet
@@ -67,7 +67,7 @@ def bare_loop(data: str, steps: int, batch: int, measure_from: int) -> tuple[flo
             start = time.perf_counter()
         b = next(it)
         x0 = torch.from_numpy(np.stack([o["image"] for o in b]))
-        label = encode_raw_labels(torch.from_numpy(np.stack([o["label"] for o in b])), torch.from_numpy(np.stack([o["instance"] for o in b])), cfg)
+        label = LabelEncoder(cfg)(np.stack([o["label"] for o in b]), np.stack([o["instance"] for o in b]))
         x0, label = to_memory_format(x0, label, True)
         if step == 0:  # a warm-up step, counted
             flops_per_image = count_flops(train_step, net, opt, diffusion, [(x0, label)], cfg, 0.0, gen)[1] / batch

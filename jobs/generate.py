@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import posixpath
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,11 +33,13 @@ import torch
 
 from sdm import checkpoint, storage
 from sdm.config import SDMConfig
-from sdm.data.card import CARD_FILE, DatasetCard, ShardInfo, read_card
+from sdm.data.card import CARD_FILE, DatasetCard, ShardInfo, check_classes_match, read_card
+from sdm.data.rejects import REJECTS_FILE, Reject
 from sdm.imageio import decode_ids, encode_png
 from sdm.inference import add_fast_path_args, add_sampling_args
 from jobs.ray_setup import actor_pool, init_ray, parse_concurrency, read_shards
 from jobs.specs import GenerateSpec, from_namespace
+from jobs.stage_rows import Redraw, Rejected, ShardWritten, StageRecord, StoreFailed, from_row, to_rows
 from sdm.errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, EXIT_REJECTS, DatasetError, InvalidInputError, SDMError, StorageError
 from sdm.data.layouts import layout_key, new_layout, partner_key
 from sdm.data.shards import iter_rows
@@ -46,10 +47,7 @@ from sdm.generated_dataset import (
     Draw,
     GenerationOutput,
     GenerationSettings,
-    Reject,
-    check_source_card,
     CONSISTENCY_REJECT,
-    REJECTS_FILE,
     consistency_reject,
     generated_row,
     load_item,
@@ -62,7 +60,7 @@ from sdm.metrics.consistency import score_pairs
 from sdm.metrics.evaluate import builtin_segmenter, default_cache_dir
 from sdm.metrics.image_sets import open_set
 from sdm.metrics.segmenter import SEGMENTER_CONFIG, SEGMENTER_WEIGHTS, is_builtin, load_segmenter
-from sdm.labels import default_palette
+from sdm.labels import default_classes
 from sdm.pipeline import SDMPipeline
 from sdm.runner import DEFAULT_MICRO_BATCH
 from sdm.seeds import derive_seed
@@ -147,7 +145,7 @@ def _check_numbers(args: GenerateSpec) -> None:
 def _label_source(args: GenerateSpec, cfg: SDMConfig) -> LabelSource:
     if storage.exists(storage.join(args.labels, CARD_FILE)):
         card = read_card(args.labels)
-        check_source_card(card, args.labels, cfg, args.model)
+        check_classes_match(card, args.labels, cfg, args.model)
         if args.split and args.split not in {s.split for s in card.shards}:
             raise DatasetError(f"dataset {args.labels} has no split {args.split!r}")
         return LabelSource(args.labels, card, args.split)
@@ -170,7 +168,7 @@ def _base_card(source: LabelSource, cfg: SDMConfig, args: GenerateSpec, settings
         c = source.card
         return DatasetCard(f"{c.name}-generated", c.num_classes, c.class_names, c.palette, c.has_instance, extra=extra)
     n = cfg.model.num_classes
-    names, palette = checkpoint.load_classes(args.model) or ([f"class_{i}" for i in range(n)], default_palette(n))
+    names, palette = checkpoint.load_classes(args.model) or default_classes(n)
     return DatasetCard("generated", n, names, [list(c) for c in palette], bool(source.instance_files), extra=extra)
 
 
@@ -187,8 +185,7 @@ def _segmenter_choice(args: GenerateSpec, source: LabelSource, cfg: SDMConfig) -
                   "give --segmenter-data DATASET (or --segmenter) to score it", file=sys.stderr)
             return "none", None
         train = open_set(data, "train")
-        if train.card.num_classes != cfg.model.num_classes:
-            raise DatasetError(f"segmenter data {data} has {train.card.num_classes} classes but the model takes {cfg.model.num_classes}")
+        check_classes_match(train.card, data, cfg, args.model, what="segmenter data")
         return f"builtin:{train.checksum[:16]}:steps{args.segmenter_steps}", data
     if args.segmenter == "none":
         if args.min_consistency is not None:
@@ -347,21 +344,22 @@ def _draw(batch: dict[str, np.ndarray], i: int) -> Draw:
 
 
 def _write(batch: dict[str, np.ndarray], out_uri: str, settings: dict[str, Any]) -> dict[str, list[str]]:
-    """Encode and publish the batch's kept rows as shards; returns one record per shard, per reject, and per pair
-    below the consistency threshold that has a redraw left."""
+    """Encode and publish the batch's kept rows as shards; returns one stage row (jobs.stage_rows) per shard, per
+    reject, and per pair below the consistency threshold that has a redraw left."""
     s = GenerationSettings.from_dict(settings)
-    rows, records = [], []
+    rows: list[dict[str, Any]] = []
+    records: list[StageRecord] = []
     for i, reason in enumerate(batch["reject"]):
         key, split = str(batch["source_key"][i]), str(batch["split"][i])
         if reason:
-            records.append(("reject", json.dumps(asdict(Reject(key, split, str(reason))))))
+            records.append(Rejected(Reject(key, split, str(reason))))
             continue
         draw = _draw(batch, i)
         if not passes(s, draw.consistency):
             if draw.attempt < s.max_retries:
-                records.append(("redraw", json.dumps({"key": output_key(key, draw.k), "attempt": draw.attempt + 1})))
+                records.append(Redraw(output_key(key, draw.k), draw.attempt + 1))
             else:
-                records.append(("reject", json.dumps(asdict(consistency_reject(key, split, draw, s)))))
+                records.append(Rejected(consistency_reject(key, split, draw, s)))
             continue
         inst = batch["instance"][i]
         rows.append(generated_row(key, draw, split, batch["image"][i], batch["label"][i], inst if len(inst) else None, s))
@@ -369,9 +367,9 @@ def _write(batch: dict[str, np.ndarray], out_uri: str, settings: dict[str, Any])
         try:
             infos = GenerationOutput(out_uri).write(rows, s.output_format == "folder")
         except StorageError as e:  # the store failed a write through every retry: the driver stops the job
-            return {"kind": ["store_error"], "value": [str(e)]}  # (raised, it would reach the driver only as text)
-        records += [("shard", json.dumps(asdict(info))) for info in infos]
-    return {"kind": [r[0] for r in records], "value": [r[1] for r in records]}
+            return to_rows([StoreFailed(str(e))])
+        records += [ShardWritten(info) for info in infos]
+    return to_rows(records)
 
 
 def _source_rows(src: LabelSource, layouts: list[dict[str, Any]]) -> ray.data.Dataset:
@@ -419,15 +417,15 @@ def _run_round(ds: ray.data.Dataset, shards: list[ShardInfo], rejects: list[Reje
     """Stream one pass of the pipeline, collecting shards and rejects; returns the redraws it asks for."""
     redraws: dict[str, int] = {}
     for row in ds.iter_rows():
-        if row["kind"] == "shard":
-            shards.append(ShardInfo(**json.loads(row["value"])))
-        elif row["kind"] == "store_error":
-            raise StorageError(row["value"])  # leaving the loop stops the dataset
-        elif row["kind"] == "redraw":
-            r = json.loads(row["value"])
-            redraws[r["key"]] = r["attempt"]
+        record = from_row(row)
+        if isinstance(record, ShardWritten):
+            shards.append(record.info)
+        elif isinstance(record, StoreFailed):
+            raise StorageError(record.message)  # leaving the loop stops the dataset
+        elif isinstance(record, Redraw):
+            redraws[record.key] = record.attempt
         else:
-            rejects.append(Reject(**json.loads(row["value"])))
+            rejects.append(record.reject)
     return redraws
 
 

@@ -18,7 +18,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from jobs.ray_setup import read_shards
 from sdm.config import SDMConfig
-from sdm.data.card import DatasetCard
+from sdm.data.card import DatasetCard, check_classes_match
 from sdm.data.preprocess import preprocess_train
 from sdm.data.shards import decode_row
 from sdm.errors import SDMError
@@ -26,13 +26,8 @@ from sdm.errors import SDMError
 
 def check_dataset_fits(card: DatasetCard, cfg: SDMConfig, uri: str) -> None:
     """Refuse a dataset whose classes or instance maps do not fit the model config."""
-    m = cfg.model
-    if card.num_classes != m.num_classes:
-        raise SDMError(
-            f"dataset {uri} ({card.name}) has {card.num_classes} classes but the model config "
-            f"{cfg.name!r} expects {m.num_classes}"
-        )
-    if m.instance_edges and not card.has_instance and not cfg.data.edges_from_labels:
+    check_classes_match(card, uri, cfg)
+    if cfg.model.instance_edges and not card.has_instance and not cfg.data.edges_from_labels:
         raise SDMError(
             f"model config {cfg.name!r} takes an instance-edge channel but dataset {uri} has no instance maps "
             "(set data.edges_from_labels=true to derive edges from the label map)"

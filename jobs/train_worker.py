@@ -35,7 +35,7 @@ from sdm.config import SDMConfig
 from sdm.diffusion import GaussianDiffusion
 from sdm.device import training_precision
 from sdm.errors import CheckpointError, StorageError
-from sdm.labels import encode_raw_labels
+from sdm.labels import LabelEncoder
 from sdm.seeds import derive_seed
 
 from sdm.training import StepResult, make_ema, make_optimizer, to_memory_format, train_step, weights_layout
@@ -138,8 +138,8 @@ class WaitClock:
 def _to_inputs(batch: dict[str, torch.Tensor], cfg: SDMConfig, device: torch.device, has_instance: bool,
                channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
     x0 = batch["image"].to(device, torch.float32)
-    inst = batch["instance"].to(device) if has_instance else None
-    return to_memory_format(x0, encode_raw_labels(batch["label"].to(device), inst, cfg), channels_last)
+    inst = batch["instance"] if has_instance else None
+    return to_memory_format(x0, LabelEncoder(cfg)(batch["label"], inst, device), channels_last)
 
 
 def _log_line(step: int, total: int, r: StepResult, lr: float, ips: float, waiting: float, elapsed: float, done_before: int,

@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from sdm import storage
@@ -32,11 +31,14 @@ def cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_id_png(uri: str) -> np.ndarray:
+def _read_id_png(uri: str) -> Image.Image:
+    """A PNG, decoded; the pipeline's label encoder checks it is a map of ids."""
     try:
-        return np.array(Image.open(io.BytesIO(storage.read_bytes(uri))))
+        image = Image.open(io.BytesIO(storage.read_bytes(uri)))
+        image.load()
     except OSError as e:
         raise SDMError(f"{uri} is not a readable PNG: {e}") from None
+    return image
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

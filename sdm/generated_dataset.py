@@ -37,12 +37,11 @@ import torch
 from sdm import storage
 from sdm.config import SamplingParams, SDMConfig, upgrade
 from sdm.data.card import DatasetCard, ShardInfo, write_card
-from sdm.data.packers import REJECTS_FILE
-from sdm.data.preprocess import fit_to_model
+from sdm.data.rejects import REJECTS_FILE, Reject, write_rejects  # REJECTS_FILE: part of the layout above
 from sdm.data.shards import BASE_SCHEMA, SHARD_DIR, ShardWriter, make_row
 from sdm.imageio import decode_ids, encode_png
 from sdm.errors import DatasetError, InvalidInputError
-from sdm.labels import raw_to_classes
+from sdm.labels import LabelEncoder
 from sdm.pipeline import SDMPipeline
 from sdm.seeds import derive_seed
 
@@ -139,29 +138,13 @@ def sample_seed(seed: int, source_key: str, k: int, attempt: int = 0) -> int:
     return derive_seed(call_seed(seed, source_key, attempt), k)  # sample k of that call: sdm.seeds.sample_seeds
 
 
-def check_source_card(card: DatasetCard, source_uri: str, config: SDMConfig, model_uri: str) -> None:
-    """Refuse a label dataset whose classes the model does not have, naming both."""
-    m = config.model
-    if card.num_classes != m.num_classes:
-        raise DatasetError(
-            f"dataset {source_uri} ({card.name!r}) has {card.num_classes} classes but model {model_uri} "
-            f"({config.name!r}) takes {m.num_classes}"
-        )
-
-
 def load_item(key: str, label_png: bytes, instance_png: bytes | None, config: SDMConfig, max_aspect_change: float) -> dict[str, Any]:
-    """Decode and validate one label map (and instance map), resized to the model's size by the library's one
-    resize policy. Raises InvalidInputError or DatasetError naming the problem."""
+    """Decode one label map (and instance map), checked by the model's label encoder and resized to the model's size
+    by the library's one resize policy. Raises InvalidInputError or DatasetError naming the problem."""
     label = decode_ids(label_png, f"label map {key!r}")
     instance = decode_ids(instance_png, f"instance map {key!r}") if instance_png is not None else None
-    if instance is not None and instance.shape != label.shape:
-        raise InvalidInputError(f"instance map {key!r} is {instance.shape[1]}x{instance.shape[0]} but its label map is {label.shape[1]}x{label.shape[0]}")
-    m = config.model
-    raw_to_classes(label, config.data, m.num_classes)
-    label = fit_to_model(label, m.image_size, f"label map {key!r}", max_aspect_change)
-    if instance is not None:
-        instance = fit_to_model(instance, m.image_size, f"instance map {key!r}", max_aspect_change)
-    return {"key": key, "image": None, "label": label, "instance": instance}
+    maps = LabelEncoder(config).check(label, instance, name=key, max_aspect_change=max_aspect_change)
+    return {"key": key, "image": None, "label": maps.raw[0], "instance": None if instance is None else maps.instances[0]}
 
 
 def sample_images(
@@ -170,7 +153,7 @@ def sample_images(
     """uint8 [N, H, W, 3] for raw label maps at the model's size, through the library's runner (whose micro-batch
     the pipeline was built with: settings.micro_batch)."""
     inputs = torch.cat([pipe.prepare_labels(lab, inst) for lab, inst in zip(labels, instances)])
-    return pipe.runner(inputs, [int(s) for s in seeds], settings.sampling)
+    return pipe.sample_prepared(inputs, [int(s) for s in seeds], settings.sampling)
 
 
 @dataclass(frozen=True)
@@ -211,17 +194,6 @@ def consistency_reject(source_key: str, split: str, draw: Draw, settings: Genera
 def passes(settings: GenerationSettings, consistency: float | None) -> bool:
     """Whether a pair is kept: always without a threshold; with one, a NaN score (nothing scorable) fails."""
     return settings.min_consistency is None or (consistency is not None and consistency >= settings.min_consistency)
-
-
-@dataclass
-class Reject:
-    """An input item that could not be used (the packers' rejects.jsonl format), or a generated pair below the
-    consistency threshold after its last redraw (key `<source key>_<k>`, with its score)."""
-
-    key: str
-    split: str
-    reason: str
-    consistency: float | None = None
 
 
 class GenerationOutput:
@@ -289,8 +261,7 @@ class GenerationOutput:
         for name in storage.list_files(shard_dir, ".parquet"):
             if name not in finished:
                 storage.delete(storage.join(shard_dir, name))
-        lines = [json.dumps({k: v for k, v in asdict(r).items() if v is not None}) + "\n" for r in sorted(rejects, key=lambda r: r.key)]
-        storage.write_bytes(storage.join(self.uri, REJECTS_FILE), "".join(lines).encode())
+        write_rejects(self.uri, sorted(rejects, key=lambda r: r.key))
         sizes: dict[str, int] = {}
         for s in shards:
             sizes[s.split] = sizes.get(s.split, 0) + s.rows

@@ -1,16 +1,26 @@
 """Label maps to network input: palette colours, class-id remapping, validation, one-hot, instance edges,
 the null label.
 
-Written once; training, generation, serving and evaluation all call these.
+Written once: `LabelEncoder` is the one road from raw label ids to the network's label input, and the pipeline,
+training, the generation job and Serve all take it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Union
+
 import numpy as np
 import torch
+from PIL import Image
 
 from sdm.config import DataConfig, ModelConfig, SDMConfig
+from sdm.data.preprocess import fit_to_model
 from sdm.errors import InvalidInputError
+from sdm.imageio import ID_MODES
+
+LabelLike = Union[np.ndarray, torch.Tensor, Image.Image]
 
 
 def remap_raw_labels(raw: np.ndarray, data: DataConfig, num_classes: int) -> np.ndarray:
@@ -26,14 +36,19 @@ def remap_raw_labels(raw: np.ndarray, data: DataConfig, num_classes: int) -> np.
     return out
 
 
-def raw_to_classes(raw: np.ndarray, data: DataConfig, num_classes: int) -> np.ndarray:
+def raw_to_classes(raw: np.ndarray, data: DataConfig, num_classes: int, what: str = "label map") -> np.ndarray:
     """Remap raw label ids to model classes; raise InvalidInputError listing the raw ids the model does not know."""
     classes = remap_raw_labels(raw, data, num_classes)
     bad = np.unique(raw[(classes < 0) | (classes >= num_classes)])
     if bad.size:
         shown = ", ".join(str(int(b)) for b in bad[:20]) + (" ..." if bad.size > 20 else "")
-        raise InvalidInputError(f"label map has class ids this model does not know ({num_classes} classes): {shown}")
+        raise InvalidInputError(f"{what} has class ids this model does not know ({num_classes} classes): {shown}")
     return classes
+
+
+def default_classes(n: int) -> tuple[list[str], list[tuple[int, int, int]]]:
+    """Names and palette of n classes that nothing names: class_0, class_1, ... in the default palette's colours."""
+    return [f"class_{i}" for i in range(n)], default_palette(n)
 
 
 def default_palette(n: int) -> list[tuple[int, int, int]]:
@@ -66,15 +81,6 @@ def colors_to_ids(rgb: np.ndarray, palette: list[tuple[int, int, int]]) -> np.nd
     return ids[inverse].reshape(keys.shape)
 
 
-def check_class_ids(label: np.ndarray | torch.Tensor, num_classes: int, what: str = "label map") -> None:
-    """Raise InvalidInputError listing every class id outside [0, num_classes)."""
-    ids = torch.as_tensor(label).unique()
-    bad = ids[(ids < 0) | (ids >= num_classes)].tolist()
-    if bad:
-        shown = ", ".join(str(int(b)) for b in bad[:20]) + (" ..." if len(bad) > 20 else "")
-        raise InvalidInputError(f"{what} has class ids outside [0, {num_classes}): {shown}")
-
-
 def instance_edges(instance: torch.Tensor) -> torch.Tensor:
     """1.0 where a pixel's instance id differs from one of its 4 neighbours, for [..., H, W] ids."""
     edge = torch.zeros(instance.shape, dtype=torch.bool, device=instance.device)
@@ -95,13 +101,10 @@ def label_input(
 ) -> torch.Tensor:
     """[B, H, W] class ids (+ optional [B, H, W] instance ids) -> [B, label_channels, H, W] float input.
 
-    One-hot of num_classes, then the instance-edge channel when the model has one. Without an instance
-    map, the edge channel is computed from the label map when `edges_from_labels` (as the released
-    CelebAMask-HQ model was trained), else left at zero.
+    The ids are the model's, already checked (LabelEncoder.check). One-hot of num_classes, then the instance-edge
+    channel when the model has one. Without an instance map, the edge channel is computed from the label map when
+    `edges_from_labels` (as the released CelebAMask-HQ model was trained), else left at zero.
     """
-    if label.dim() != 3:
-        raise InvalidInputError(f"label batch must be [B, H, W], got shape {tuple(label.shape)}")
-    check_class_ids(label, model.num_classes)
     onehot = torch.nn.functional.one_hot(label.long(), model.num_classes).permute(0, 3, 1, 2).float()
     if not model.instance_edges:
         return onehot
@@ -110,10 +113,6 @@ def label_input(
     if instance is None:
         edges = torch.zeros_like(onehot[:, :1])
     else:
-        if instance.shape != label.shape:
-            raise InvalidInputError(
-                f"instance map shape {tuple(instance.shape)} does not match label map shape {tuple(label.shape)}"
-            )
         edges = instance_edges(instance)[:, None]
     return torch.cat([onehot, edges], dim=1)
 
@@ -123,8 +122,91 @@ def null_label(like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(like)
 
 
-def encode_raw_labels(raw: torch.Tensor, instance: torch.Tensor | None, config: SDMConfig) -> torch.Tensor:
-    """Raw dataset label ids [B, H, W] (+ instance ids) -> the network's label input, for a whole batch."""
-    classes = raw_to_classes(raw.cpu().numpy(), config.data, config.model.num_classes)
-    label = torch.from_numpy(classes).to(raw.device)
-    return label_input(label, config.model, instance, config.data.edges_from_labels)
+def as_id_array(x: LabelLike, what: str) -> np.ndarray:
+    """A label or instance map as an int64 array; PIL images must be single-channel id maps."""
+    if isinstance(x, Image.Image):
+        if x.mode not in ID_MODES:
+            raise InvalidInputError(
+                f"{what} must be a single-channel PNG of ids (mode L, P, I or I;16), got mode {x.mode}"
+            )
+        x = np.array(x)
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    if not isinstance(x, np.ndarray):
+        raise InvalidInputError(f"{what} must be a numpy array, tensor or PIL image, got {type(x).__name__}")
+    if x.dtype.kind not in "iu":
+        if x.dtype.kind == "f" and np.all(np.mod(x, 1) == 0):
+            x = x.astype(np.int64)
+        else:
+            raise InvalidInputError(f"{what} must hold integer ids, got dtype {x.dtype}")
+    return x.astype(np.int64)
+
+
+def _stack(maps: LabelLike | Sequence[LabelLike], what: str) -> np.ndarray:
+    """One map [H, W], a batch [B, H, W], or a list of same-sized maps -> int64 [B, H, W]."""
+    if isinstance(maps, (list, tuple)):
+        arrays = [as_id_array(m, what) for m in maps]
+        shapes = {a.shape for a in arrays}
+        if len(shapes) > 1:
+            raise InvalidInputError(f"{what}s in one call must share a size, got {sorted(shapes)}")
+        return np.stack(arrays)
+    arr = as_id_array(maps, what)
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise InvalidInputError(f"{what} must be [H, W] or [B, H, W], got shape {arr.shape}")
+    return arr
+
+
+@dataclass(frozen=True)
+class LabelMaps:
+    """Label maps checked against one model (made by LabelEncoder.check): the raw ids, the model's class ids and
+    the instance ids (or None), int64 [B, H, W] each, at a size the network takes."""
+
+    raw: np.ndarray
+    classes: np.ndarray
+    instances: np.ndarray | None
+
+
+class LabelEncoder:
+    """Raw label ids (+ instance ids) -> the network's label input for one model, each fact checked once: integer
+    ids, one map or a batch, instance maps of the label maps' shape, class ids the model knows (raw ids remapped by
+    DataConfig), a size the network's down-sampling divides; then one-hot and instance edges."""
+
+    def __init__(self, config: SDMConfig):
+        self.model, self.data = config.model, config.data
+
+    def check(self, labels: LabelLike | Sequence[LabelLike], instances: LabelLike | Sequence[LabelLike] | None = None,
+              name: str | None = None, max_aspect_change: float | None = None) -> LabelMaps:
+        """Validate maps, raising InvalidInputError that names the bad thing (and the item `name`, when given).
+        With `max_aspect_change`, maps of another size are checked as they are, then brought to the model's size
+        by the one resize policy (sdm.data.preprocess.fit_to_model)."""
+        what, inst_what = ("label map", "instance map") if name is None else (f"label map {name!r}", f"instance map {name!r}")
+        raw = _stack(labels, what)
+        inst = None if instances is None else _stack(instances, inst_what)
+        if inst is not None and inst.shape != raw.shape:
+            where = "" if name is None else f"{what}: "
+            raise InvalidInputError(f"{where}instance maps {inst.shape} do not match label maps {raw.shape}")
+        classes = raw_to_classes(raw, self.data, self.model.num_classes, what)
+        if max_aspect_change is not None:
+            size = self.model.image_size
+            raw = np.stack([fit_to_model(r, size, what, max_aspect_change) for r in raw])
+            classes = remap_raw_labels(raw, self.data, self.model.num_classes)  # nearest: only ids checked above
+            if inst is not None:
+                inst = np.stack([fit_to_model(i, size, inst_what, max_aspect_change) for i in inst])
+        h, w = raw.shape[-2:]
+        f = self.model.downsample_factor
+        if h % f or w % f:
+            raise InvalidInputError(f"{what} size {h}x{w} is not divisible by the network's down-sampling factor {f}")
+        return LabelMaps(raw, classes, inst)
+
+    def encode(self, maps: LabelMaps, device: torch.device | str | None = None) -> torch.Tensor:
+        """Checked maps -> [B, label_channels, H, W] float input on `device` (one-hot made there)."""
+        label = torch.from_numpy(maps.classes).to(device)
+        inst = None if maps.instances is None else torch.from_numpy(maps.instances).to(device)
+        return label_input(label, self.model, inst, self.data.edges_from_labels)
+
+    def __call__(self, labels: LabelLike | Sequence[LabelLike], instances: LabelLike | Sequence[LabelLike] | None = None,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+        """Raw maps at a size the network takes -> its label input: `encode(check(labels, instances))`."""
+        return self.encode(self.check(labels, instances), device)

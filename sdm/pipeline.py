@@ -3,62 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from sdm import checkpoint
 from sdm.config import SamplingParams, SDMConfig, renamed
 from sdm.device import autocast_dtype, default_device
 from sdm.diffusion import GaussianDiffusion
 from sdm.errors import InvalidInputError
-from sdm.imageio import ID_MODES
 from sdm.inference import compile_net, prepare_net
-from sdm.labels import label_input, raw_to_classes
+from sdm.labels import LabelEncoder, LabelLike
 from sdm.samplers import Known
 from sdm.runner import DEFAULT_MICRO_BATCH, Progress, SampleRunner
 from sdm.seeds import sample_seeds
 from sdm.unet import SDMUNet
-
-LabelLike = Union[np.ndarray, torch.Tensor, Image.Image]
-
-
-def _as_id_array(x: LabelLike, what: str) -> np.ndarray:
-    """A label or instance map as an integer array; PIL images must be single-channel id maps."""
-    if isinstance(x, Image.Image):
-        if x.mode not in ID_MODES:
-            raise InvalidInputError(
-                f"{what} must be a single-channel PNG of ids (mode L, P, I or I;16), got mode {x.mode}"
-            )
-        x = np.array(x)
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    if not isinstance(x, np.ndarray):
-        raise InvalidInputError(f"{what} must be a numpy array, tensor or PIL image, got {type(x).__name__}")
-    if x.dtype.kind not in "iu":
-        if x.dtype.kind == "f" and np.all(np.mod(x, 1) == 0):
-            x = x.astype(np.int64)
-        else:
-            raise InvalidInputError(f"{what} must hold integer ids, got dtype {x.dtype}")
-    return x.astype(np.int64)
-
-
-def _stack(maps: LabelLike | Sequence[LabelLike], what: str) -> np.ndarray:
-    if isinstance(maps, (list, tuple)):
-        arrays = [_as_id_array(m, what) for m in maps]
-        shapes = {a.shape for a in arrays}
-        if len(shapes) > 1:
-            raise InvalidInputError(f"{what}s in one call must share a size, got {sorted(shapes)}")
-        return np.stack(arrays)
-    arr = _as_id_array(maps, what)
-    if arr.ndim == 2:
-        arr = arr[None]
-    if arr.ndim != 3:
-        raise InvalidInputError(f"{what} must be [H, W] or [B, H, W], got shape {arr.shape}")
-    return arr
-
 
 class SDMPipeline:
     """An SDM network with its diffusion process, sampling defaults and the runner that samples it.
@@ -78,6 +38,7 @@ class SDMPipeline:
         self.dtype = autocast_dtype(self.device, precision)
         self.net = prepare_net(net, self.device, self.dtype, fast_path)
         self.diffusion = GaussianDiffusion.from_config(config.diffusion, learn_sigma=config.model.learn_sigma)
+        self.label_encoder = LabelEncoder(config)
         runner_net = compile_net(self.net, self.device) if compile else self.net
         self.runner = SampleRunner(runner_net, self.diffusion, self.device, self.dtype, micro_batch, label_cache=fast_path)
 
@@ -103,21 +64,15 @@ class SDMPipeline:
     def prepare_labels(
         self, labels: LabelLike | Sequence[LabelLike], instances: LabelLike | Sequence[LabelLike] | None = None
     ) -> torch.Tensor:
-        """Raw label (and instance) maps -> validated [B, label_channels, H, W] network input."""
-        m, data = self.config.model, self.config.data
-        raw = _stack(labels, "label map")
-        classes = raw_to_classes(raw, data, m.num_classes)
-        h, w = raw.shape[-2:]
-        f = m.downsample_factor
-        if h % f or w % f:
-            raise InvalidInputError(f"label map size {h}x{w} is not divisible by the network's down-sampling factor {f}")
-        inst = None
-        if instances is not None:
-            inst_arr = _stack(instances, "instance map")
-            if inst_arr.shape != raw.shape:
-                raise InvalidInputError(f"instance maps {inst_arr.shape} do not match label maps {raw.shape}")
-            inst = torch.from_numpy(inst_arr)
-        return label_input(torch.from_numpy(classes), m, inst, data.edges_from_labels)
+        """Raw label (and instance) maps -> validated [B, label_channels, H, W] network input (sdm.labels)."""
+        return self.label_encoder(labels, instances)
+
+    def sample_prepared(self, label_inputs: torch.Tensor, seeds: Sequence[int], params: SamplingParams,
+                        guidance: Sequence[float] | None = None, known: Known | None = None,
+                        progress: Progress | None = None) -> np.ndarray:
+        """uint8 [N, H, W, 3] for prepared label inputs [N, C, H, W] (prepare_labels) and one seed per row: the runner
+        every door shares. `guidance` gives each row its own scale; `known` ([N, ...]) keeps a region of each row."""
+        return self.runner(label_inputs, seeds, params, guidance=guidance, known=known, progress=progress)
 
     def __call__(
         self,
@@ -146,7 +101,7 @@ class SDMPipeline:
                              num_inference_steps=renamed(num_inference_steps, num_steps, "num_steps", "num_inference_steps"))
         _check_count(num_samples)
         label = self.prepare_labels(labels, instances).repeat_interleave(num_samples, dim=0)
-        return self.runner(label, _row_seeds(seed, label.shape[0]), params, progress=progress)
+        return self.sample_prepared(label, _row_seeds(seed, label.shape[0]), params, progress=progress)
 
     def edit(
         self,
@@ -176,7 +131,7 @@ class SDMPipeline:
         label = self.prepare_labels(labels, instances)
         known = known_from_image(image, mask, tuple(label.shape[-2:]))
         known = Known(known.x0.expand(num_samples, -1, -1, -1), known.mask.expand(num_samples, -1, -1, -1))
-        return self.runner(label.expand(num_samples, -1, -1, -1), _row_seeds(seed, num_samples), params, known=known)
+        return self.sample_prepared(label.expand(num_samples, -1, -1, -1), _row_seeds(seed, num_samples), params, known=known)
 
 
 def _check_count(num_samples: Any) -> None:

@@ -20,7 +20,7 @@ from sdm.config import SDMConfig
 from sdm.data.preprocess import preprocess_train
 from sdm.data.shards import iter_samples
 from sdm.diffusion import GaussianDiffusion
-from sdm.labels import encode_raw_labels
+from sdm.labels import LabelEncoder
 from sdm.unet import SDMUNet
 
 
@@ -196,6 +196,7 @@ def local_batches(data_uri: str, config: SDMConfig, batch_size: int, seed: int =
     """Endless (x0 in [-1, 1], label input) batches of a dataset's train split for train_local: shuffled
     afresh each epoch, with the library's training augmentations."""
     rng = np.random.default_rng(seed)
+    encode = LabelEncoder(config)
     epoch = 0
     while True:
         buf = []
@@ -205,6 +206,6 @@ def local_batches(data_uri: str, config: SDMConfig, batch_size: int, seed: int =
                 x0 = torch.from_numpy(np.stack([b["image"] for b in buf]))
                 label = torch.from_numpy(np.stack([b["label"] for b in buf]))
                 inst = torch.from_numpy(np.stack([b["instance"] for b in buf])) if buf[0]["instance"] is not None else None
-                yield x0, encode_raw_labels(label, inst, config)
+                yield x0, encode(label, inst)
                 buf = []
         epoch += 1

@@ -17,11 +17,10 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from sdm import checkpoint
-from sdm.config import SAMPLER_NAMES, DataConfig, SamplingParams
+from sdm.config import SAMPLER_NAMES, SamplingParams
 from sdm.data.preprocess import fit_to_model
 from sdm.errors import InvalidInputError
-from sdm.imageio import ID_MODES
-from sdm.labels import colors_to_ids, default_palette, raw_to_classes
+from sdm.labels import LabelEncoder, as_id_array, colors_to_ids, default_classes
 from serve.errors import ApiError
 from serve.schema import FILE_FIELDS, MODEL_HEADER, REQUESTS, ModelDescription, SamplingFields
 
@@ -46,7 +45,7 @@ class ModelInfo:
     class_names: list[str]
     palette: list[tuple[int, int, int]]  # colour of each label id
     instance_edges: bool
-    data: DataConfig
+    labels: LabelEncoder  # the model's: what checks a label map's ids
     defaults: SamplingParams
     max_steps: int
 
@@ -55,7 +54,7 @@ class ModelInfo:
         config = checkpoint.load_config(uri)
         m = config.model
         classes = checkpoint.load_classes(uri)
-        names, palette = classes or ([f"class {i}" for i in range(m.num_classes)], default_palette(m.num_classes))
+        names, palette = classes or default_classes(m.num_classes)
         return cls(
             preset=config.name,
             size=tuple(m.image_size),
@@ -63,7 +62,7 @@ class ModelInfo:
             class_names=names,
             palette=palette,
             instance_edges=m.instance_edges,
-            data=config.data,
+            labels=LabelEncoder(config),
             defaults=config.sampling,
             max_steps=min(limits.max_steps, config.diffusion.num_timesteps),
         )
@@ -279,13 +278,15 @@ def _open(data: bytes, field: str, limits: Limits, formats: tuple[str, ...] = ("
 
 
 def _ids(image: Image.Image, field: str) -> np.ndarray:
-    if image.mode not in ID_MODES:
-        raise ApiError(400, "invalid_image", f"{field}: must be a single-channel PNG of ids, got mode {image.mode}")
-    return np.array(image).astype(np.int64)
+    try:
+        return as_id_array(image, f"{field} map")
+    except InvalidInputError as e:
+        raise ApiError(400, "invalid_image", f"{field}: {e}") from None
 
 
 def _label_ids(image: Image.Image, info: ModelInfo) -> np.ndarray:
-    """A PNG of class ids, or a colour PNG in the model's palette -> validated raw ids at the model's size."""
+    """A PNG of class ids, or a colour PNG in the model's palette -> raw ids at the model's size, checked by the
+    model's label encoder (where, at the model's size, only class ids can fail)."""
     if image.mode in ("RGB", "RGBA"):
         try:
             ids = colors_to_ids(np.array(image.convert("RGB")), info.palette)
@@ -295,7 +296,7 @@ def _label_ids(image: Image.Image, info: ModelInfo) -> np.ndarray:
         ids = _ids(image, "label")
     ids = _fit(ids, "label", info.size)
     try:
-        raw_to_classes(ids, info.data, info.num_classes)
+        info.labels.check(ids)
     except InvalidInputError as e:
         raise ApiError(400, "class_out_of_range", f"label: {e}") from None
     return ids

@@ -201,7 +201,7 @@ class SDMModel:
         known = None
         if group[0].known is not None:
             known = Known(torch.cat([p.known.x0 for p in group]), torch.cat([p.known.mask for p in group]))
-        return pipe.runner(
+        return pipe.sample_prepared(
             torch.cat([p.label for p in group]),
             [s for p in group for s in p.seeds],
             job.sampling,  # validated when the request was parsed (serve.inputs)

@@ -102,7 +102,7 @@ def _bad_tree(tmp_path: Path) -> Path:
 def test_bad_samples_go_to_rejects_and_the_good_ones_are_packed(tmp_path):
     card, rejects = pack("folder", str(_bad_tree(tmp_path)), str(tmp_path / "out"))
     assert card.split_sizes == {"train": 1}
-    reasons = {r["key"]: r["reason"] for r in rejects}
+    reasons = {r.key: r.reason for r in rejects}
     assert set(reasons) == {"nolabel", "noimage", "corrupt", "small", "range"}
     assert "has no label" in reasons["nolabel"] and "has no image" in reasons["noimage"]
     assert "not a readable image" in reasons["corrupt"] and "size mismatch" in reasons["small"]

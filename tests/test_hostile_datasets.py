@@ -44,7 +44,7 @@ def test_every_case_gets_its_outcome(layout, tmp_path, capsys):
     notes = []
     card, rejects = pack(layout, str(src), str(dst), log=notes.append)
     recorded = _rejects(dst)
-    assert recorded == {r["key"]: r["reason"] for r in rejects}  # the file says what pack returned
+    assert recorded == {r.key: r.reason for r in rejects}  # the file says what pack returned
     packed = {s["key"]: s for s in iter_samples(str(dst))}
     for case in cases:
         key = case.stem or case.name
@@ -70,7 +70,7 @@ def test_a_split_whose_every_sample_is_rejected_is_named(tmp_path):
             path.write_bytes(data)
     notes = []
     card, rejects = pack("ade20k", str(src), str(tmp_path / "out"), log=notes.append)
-    assert card.split_sizes == {"train": 1} and [r["key"] for r in rejects] == ["b"]
+    assert card.split_sizes == {"train": 1} and [r.key for r in rejects] == ["b"]
     assert notes == ["note: split 'val' has no valid sample (1 rejected); it is left out of the card"]
 
 
@@ -130,5 +130,5 @@ def test_corrupted_files_are_packed_or_rejected_never_a_crash(tmp_path_factory, 
     card, rejects = pack("folder", str(src), str(dst), log=lambda _: None)
     packed = {s["key"] for s in iter_samples(str(dst))}
     assert "sound" in packed
-    assert len(packed) + len(rejects) == 2 and all(r["key"] == "damaged" and r["reason"] for r in rejects)
+    assert len(packed) + len(rejects) == 2 and all(r.key == "damaged" and r.reason for r in rejects)
     assert read_card(str(dst)).split_sizes == {"train": len(packed)}

@@ -9,6 +9,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from sdm import storage
+from sdm.config import SDMConfig
 from sdm.errors import DatasetError
 
 CARD_FILE = "dataset.json"
@@ -52,6 +53,16 @@ class DatasetCard:
         if len(card.class_names) != card.num_classes or len(card.palette) != card.num_classes:
             raise DatasetError(f"{where}: class_names and palette must have num_classes={card.num_classes} entries")
         return card
+
+
+def check_classes_match(card: DatasetCard, uri: str, config: SDMConfig, model: str | None = None,
+                        what: str = "dataset") -> None:
+    """Refuse a dataset whose classes are not the model's (DatasetError), naming both: the dataset by URI and card
+    name, the model by URI (when it has one) and config name."""
+    if card.num_classes != config.model.num_classes:
+        named = f"model {model} ({config.name!r})" if model else f"model config {config.name!r}"
+        raise DatasetError(f"{what} {uri} ({card.name!r}) has {card.num_classes} classes but {named} takes "
+                           f"{config.model.num_classes}")
 
 
 def read_card(uri: str) -> DatasetCard:

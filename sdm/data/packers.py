@@ -9,7 +9,6 @@ cases. Shard names are deterministic, so a rerun replaces shards instead of dupl
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -21,11 +20,11 @@ import numpy as np
 from sdm import storage
 from sdm.data.card import DatasetCard, withdraw_card, write_card
 from sdm.data.classes import dataset_classes
+from sdm.data.rejects import REJECTS_FILE, Reject, write_rejects
 from sdm.data.shards import DEFAULT_SHARD_BYTES, ShardWriter, make_row
 from sdm.imageio import decode_ids, decode_image, encode_png
 from sdm.errors import EXIT_OK, EXIT_REJECTS, DatasetError
 
-REJECTS_FILE = "rejects.jsonl"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 
 
@@ -186,7 +185,7 @@ def check_item(item: Item, allowed: set[int], root: Path) -> dict:
     return make_row(item.key, item.split, image_bytes, encode_png(label), inst, image.shape[0], image.shape[1])
 
 
-def pack(layout: str, src: str, dst: str, shard_bytes: int = DEFAULT_SHARD_BYTES, log: Callable[[str], None] = print) -> tuple[DatasetCard, list[dict]]:
+def pack(layout: str, src: str, dst: str, shard_bytes: int = DEFAULT_SHARD_BYTES, log: Callable[[str], None] = print) -> tuple[DatasetCard, list[Reject]]:
     """Pack a source tree; returns the card and the rejects (also written to DST/rejects.jsonl)."""
     if layout not in LAYOUTS:
         raise DatasetError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
@@ -202,7 +201,7 @@ def pack(layout: str, src: str, dst: str, shard_bytes: int = DEFAULT_SHARD_BYTES
         try:
             row = check_item(item, allowed, root.resolve())
         except DatasetError as e:
-            rejects.append({"key": item.key, "split": item.split, "reason": str(e)})
+            rejects.append(Reject(item.key, item.split, str(e)))
             continue
         has_instance |= row["instance"] is not None
         writers.setdefault(item.split, ShardWriter(dst, item.split, shard_bytes)).add(row)
@@ -212,9 +211,9 @@ def pack(layout: str, src: str, dst: str, shard_bytes: int = DEFAULT_SHARD_BYTES
     if not writers:
         raise DatasetError(f"no valid samples found in {src} for layout {layout!r} ({len(rejects)} rejected)")
     for split in sorted(splits - set(writers)):
-        log(f"note: split {split!r} has no valid sample ({sum(r['split'] == split for r in rejects)} rejected); it is left out of the card")
+        log(f"note: split {split!r} has no valid sample ({sum(r.split == split for r in rejects)} rejected); it is left out of the card")
     shards = [s for w in writers.values() for s in w.close()]
-    storage.write_bytes(storage.join(dst, REJECTS_FILE), "".join(json.dumps(r) + "\n" for r in rejects).encode())
+    write_rejects(dst, rejects)
     card = DatasetCard(
         name=layout if layout != "folder" else os.path.basename(os.path.abspath(src)),
         num_classes=len(names), class_names=names, palette=palette, has_instance=has_instance,
@@ -225,11 +224,11 @@ def pack(layout: str, src: str, dst: str, shard_bytes: int = DEFAULT_SHARD_BYTES
     return card, rejects
 
 
-def report(card: DatasetCard, rejects: list[dict], dst: str, skip_bad: bool) -> int:
+def report(card: DatasetCard, rejects: list[Reject], dst: str, skip_bad: bool) -> int:
     """Print the summary; the exit status is EXIT_REJECTS when samples were rejected, unless told to skip them."""
     splits = ", ".join(f"{v} {k}" for k, v in card.split_sizes.items())
     print(f"packed {card.name}: {splits} in {len(card.shards)} shards -> {dst}")
     if rejects:
-        print(f"{len(rejects)} samples rejected (see {storage.join(dst, REJECTS_FILE)}), e.g. {rejects[0]['key']}: {rejects[0]['reason']}", file=sys.stderr)
+        print(f"{len(rejects)} samples rejected (see {storage.join(dst, REJECTS_FILE)}), e.g. {rejects[0].key}: {rejects[0].reason}", file=sys.stderr)
         return EXIT_OK if skip_bad else EXIT_REJECTS
     return EXIT_OK
