@@ -43,36 +43,33 @@ class Rejected:
         return cls(Reject.from_dict(value))
 
 
+class _PlainRecord:
+    """A record of plain fields: its value is its fields."""
+
+    def value(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_value(cls, value: dict[str, Any]) -> Any:
+        return cls(**value)
+
+
 @dataclass(frozen=True)
-class Redraw:
+class Redraw(_PlainRecord):
     """A pair below the consistency threshold with a redraw left: output key `key` is drawn again at `attempt`."""
 
     kind: ClassVar[str] = "redraw"
     key: str
     attempt: int
 
-    def value(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_value(cls, value: dict[str, Any]) -> "Redraw":
-        return cls(**value)
-
 
 @dataclass(frozen=True)
-class StoreFailed:
+class StoreFailed(_PlainRecord):
     """The store failed a write through every retry; the driver stops the job. (Raised in the stage, the error
     would reach the driver only as text.)"""
 
     kind: ClassVar[str] = "store_error"
     message: str
-
-    def value(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_value(cls, value: dict[str, Any]) -> "StoreFailed":
-        return cls(**value)
 
 
 StageRecord = Union[ShardWritten, Rejected, Redraw, StoreFailed]
