@@ -192,7 +192,7 @@ app = FastAPI(
 BODIES = {"/v1/generate": "generate", "/v1/edit": "edit"}
 
 
-def maxima(max_steps: int, max_samples: int) -> dict[str, int]:
+def published_maxima(max_steps: int, max_samples: int) -> dict[str, int]:
     """The upper bounds a deployment publishes: its largest steps limit over the served models (under the field's
     name and its deprecated one) and its samples limit."""
     return {"num_inference_steps": max_steps, "steps": max_steps, "num_samples": max_samples}
@@ -314,7 +314,7 @@ class SDMApi:
         self.token = auth_token
         self.request_timeout_s = request_timeout_s
         self.page = PAGE.read_bytes()
-        self.maxima = maxima(max(info.max_steps for info in self.catalog.models.values()), limits.max_samples)
+        self.maxima = published_maxima(max(info.max_steps for info in self.catalog.models.values()), limits.max_samples)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     @app.head("/", response_class=HTMLResponse, include_in_schema=False)

@@ -16,12 +16,12 @@ import time
 import pytest
 import requests
 
-from serve.app import contract, maxima
+from serve.app import contract, published_maxima
 from serve.schema import REQUESTS
 from serve_helpers import deploy, label_map, png, random_tiny_model, serve_cluster
 
 SEED_MAX = 2**63 - 1
-MAXIMA = maxima(50, 3)  # the open deployment's limits, other than the defaults (1000, 4)
+MAXIMA = published_maxima(50, 3)  # the open deployment's limits, other than the defaults (1000, 4)
 TOKEN = "s3cret"
 # The answers to a request outside the document's parameters; a request inside it must never get one of these.
 PARAMETER_CODES = {"invalid_parameter", "unknown_field", "missing_field", "invalid_json", "invalid_form",
@@ -60,7 +60,7 @@ def test_the_deployments_maxima_are_published_with_where_each_models_own_limit_i
     for form in _forms(doc):
         assert form["properties"]["num_inference_steps"]["maximum"] == 50 and form["properties"]["steps"]["maximum"] == 50
         assert form["properties"]["num_samples"]["maximum"] == 3
-    assert contract(maxima(1000, 4), auth=False)["paths"]["/v1/edit"]["post"]["requestBody"][
+    assert contract(published_maxima(1000, 4), auth=False)["paths"]["/v1/edit"]["post"]["requestBody"][
         "content"]["multipart/form-data"]["schema"]["properties"]["num_inference_steps"]["maximum"] == 1000
 
 
@@ -119,7 +119,7 @@ def test_each_deployment_serves_its_own_document(apps):
     FastAPI's marker), no 422, the exact seed bound, and the deployment's own maxima and auth."""
     open_doc, secure_doc = _served(apps["open"]), _served(apps["secure"])
     assert open_doc == contract(MAXIMA, auth=False)
-    assert secure_doc == contract(maxima(1000, 4), auth=True, root_path="/secure")
+    assert secure_doc == contract(published_maxima(1000, 4), auth=True, root_path="/secure")
     for doc in (open_doc, secure_doc):
         assert doc["paths"]["/v1/model"]["get"]["parameters"][0].keys() == {"name", "in", "required", "schema", "description"}
     for url in apps.values():
