@@ -179,7 +179,7 @@ def main() -> None:
         """A sampling run's network work: the modulations once, then --steps guided steps (same x_t: timing only)."""
         def run() -> torch.Tensor:
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                mods = fast16.modulations(guidance_input(label, SCALE))
+                mods = fast16.modulations(guidance_input(fast16, label, SCALE))
                 for _ in range(args.steps):
                     out = guided_output(model, x, t, label, SCALE, batched=True, mods=mods)
             return out

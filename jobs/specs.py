@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from sdm import storage
+from sdm.distill import DEFAULT_GUIDANCE_RANGE
 from sdm.inference import sampling_overrides
 from sdm.runner import DEFAULT_MICRO_BATCH
 
@@ -40,8 +41,12 @@ class TrainSpec:
     preset: str | None = None
     config: str | None = None  # a YAML/JSON config URI, instead of a preset
     overrides: tuple[str, ...] = ()  # section.key=value
-    stage: str = "pretrain"
+    stage: str = "pretrain"  # or finetune, distill-guidance, distill-steps
     init_from: str | None = None
+    teacher: str | None = None  # distillation: the teacher model (run, exported model, converted checkpoint)
+    guidance_range: tuple[float, float] = DEFAULT_GUIDANCE_RANGE  # distillation: the guidance scales trained over
+    target_steps: int = 4  # distill-steps: the student's sampling steps
+    from_steps: int | None = None  # distill-steps: the teacher's steps the first round halves; default 8 x target
     batch_size: int | None = None  # per worker; default: the config's
     grad_accum: int = 1
     lr: float | None = None
@@ -68,9 +73,19 @@ class TrainSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "overrides", tuple(self.overrides))
-        _absolute(self, "data", "run", "init_from")
+        object.__setattr__(self, "guidance_range", tuple(self.guidance_range))
+        _absolute(self, "data", "run", "init_from", "teacher")
         if self.segmenter and storage.exists(self.segmenter):  # else module:callable
             _absolute(self, "segmenter")
+
+    @property
+    def distilling(self) -> bool:
+        return self.stage.startswith("distill-")
+
+    @property
+    def halving_from(self) -> int:
+        """distill-steps: the teacher's steps that progressive distillation halves, round by round."""
+        return self.from_steps if self.from_steps is not None else 8 * self.target_steps
 
     @property
     def validation_interval(self) -> int:

@@ -2,6 +2,8 @@
 
     python -m jobs.train --preset tiny --data DATA_URI --run RUN_URI --steps 300 --num-workers 2
     python -m jobs.train --preset tiny --data DATA_URI --run FT_RUN_URI --stage finetune --init-from RUN_URI
+    python -m jobs.train --stage distill-guidance --teacher FT_RUN_URI --data DATA_URI --run DG_RUN_URI --steps 300
+    python -m jobs.train --stage distill-steps --teacher DG_RUN_URI --target-steps 4 --data DATA_URI --run DS_RUN_URI --steps 600
 
 Rerunning the same command on an existing run resumes it from its latest checkpoint (--fresh starts over).
 """
@@ -27,8 +29,9 @@ from jobs.specs import TrainSpec, from_namespace
 from jobs.train_data import check_dataset_fits, make_train_dataset
 from jobs.train_worker import checkpoint_dirs, latest_checkpoint_dir, train_worker
 from sdm import storage
-from sdm.checkpoint import RUN_MODEL_DIR, exported_step, find_model_dir, load_progress
-from sdm.config import SDMConfig, get_preset
+from sdm.checkpoint import RUN_MODEL_DIR, exported_step, find_model_dir, load_config, load_progress, model_id
+from sdm.config import MAX_GUIDANCE, SDMConfig, get_preset
+from sdm.distill import DEFAULT_GUIDANCE_RANGE, halving_grids, student_config
 from sdm.data.card import DatasetCard, read_card
 from sdm.errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, SDMError
 from sdm.metrics.segmenter import load_segmenter
@@ -36,17 +39,29 @@ from sdm.run_report import write_run_report
 from sdm.validation import MAX_VALIDATION_MAPS
 
 
+STAGES = ["pretrain", "finetune", "distill-guidance", "distill-steps"]
+DISTILL_FIELDS = {"teacher", "guidance_range", "target_steps", "from_steps"}
+
+
 def parse_args(argv: list[str] | None = None) -> TrainSpec:
     p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.splitlines()[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", help="a named preset, e.g. tiny, ade20k")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", help="a named preset, e.g. tiny, ade20k (pretrain, finetune)")
     src.add_argument("--config", help="a YAML/JSON config file or URI (may name a `preset:` to override)")
+    src.add_argument("--teacher", help="distill-guidance, distill-steps: the teacher model (its config is the student's base)")
     p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides, e.g. train.lr=3e-4")
     p.add_argument("--data", required=True, help="dataset URI (shards + dataset card)")
     p.add_argument("--run", required=True, help="run URI: checkpoints and the exported model go here")
-    p.add_argument("--stage", choices=["pretrain", "finetune"], default="pretrain")
+    p.add_argument("--stage", choices=STAGES, default="pretrain",
+                   help="distill-guidance: a student that runs guidance in one pass; distill-steps: one that samples in "
+                        "--target-steps steps (progressive distillation)")
     p.add_argument("--init-from", help="finetune: the pretrained run (or exported model) to start from")
+    p.add_argument("--guidance-range", type=float, nargs=2, default=DEFAULT_GUIDANCE_RANGE, metavar=("LOW", "HIGH"),
+                   help="distillation: the guidance scales the student learns (default: %(default)s)")
+    p.add_argument("--target-steps", type=int, default=4, help="distill-steps: the student's sampling steps")
+    p.add_argument("--from-steps", type=int, help="distill-steps: the teacher's steps that the first round halves "
+                   "(target x 2^rounds; default 8 x --target-steps: three rounds)")
     p.add_argument("--steps", type=int, required=True, help="optimizer steps in total for this run")
     p.add_argument("--batch-size", type=int, help="per-worker micro-batch (default: the config's)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -78,7 +93,9 @@ def parse_args(argv: list[str] | None = None) -> TrainSpec:
 
 
 def build_config(args: TrainSpec) -> SDMConfig:
-    if args.preset:
+    if args.distilling:
+        cfg = _student_config(args)
+    elif args.preset:
         cfg = get_preset(args.preset)
     else:
         cfg = SDMConfig.from_yaml(storage.read_bytes(args.config).decode())
@@ -86,6 +103,24 @@ def build_config(args: TrainSpec) -> SDMConfig:
     if args.activation_checkpointing:
         overrides.append("model.use_checkpoint=true")
     return cfg.with_overrides(overrides) if overrides else cfg
+
+
+def _student_config(args: TrainSpec) -> SDMConfig:
+    """The student's config: its teacher's, with what the student is and where it came from (sdm.distill)."""
+    teacher = load_config(args.teacher)
+    timesteps: tuple[int, ...] = ()
+    if args.stage == "distill-steps":
+        try:
+            timesteps = tuple(halving_grids(teacher.diffusion.num_timesteps, args.halving_from, args.target_steps)[-1])
+        except ValueError as e:
+            raise SDMError(f"--from-steps, --target-steps: {e}") from None
+    lo, hi = args.guidance_range
+    if not 0 <= lo <= hi <= MAX_GUIDANCE:
+        raise SDMError(f"--guidance-range must satisfy 0 <= LOW <= HIGH <= {MAX_GUIDANCE:g}, got {lo:g} {hi:g}")
+    return student_config(teacher, "guidance" if args.stage == "distill-guidance" else "progressive", model_id(args.teacher),
+                          args.teacher, guidance_range=(lo, hi), timesteps=timesteps,
+                          from_steps=args.halving_from if timesteps else 0, optimizer_steps=args.steps,
+                          lr=args.lr or teacher.train.finetune_lr)
 
 
 def validate(args: TrainSpec, cfg: SDMConfig) -> None:
@@ -133,8 +168,19 @@ def _start_ray(args: TrainSpec) -> None:
     init_ray(args.address, num_cpus=max(os.cpu_count() or 1, needed), dashboard=True)
 
 
+def _check_source(args: TrainSpec) -> None:
+    """A distillation starts from --teacher; training from --preset or --config."""
+    if args.distilling and not args.teacher:
+        raise SDMError(f"--stage {args.stage} needs --teacher: the model to distil")
+    if not args.distilling and not (args.preset or args.config):
+        raise SDMError(f"--stage {args.stage} needs --preset or --config" + (" (--teacher is for distillation)" if args.teacher else ""))
+    if args.teacher:
+        find_model_dir(args.teacher)  # raises CheckpointError naming what is missing
+
+
 def prepare(args: TrainSpec) -> tuple[SDMConfig, DatasetCard]:
     """The config and dataset card, checked against each other and the URIs (raises SDMError)."""
+    _check_source(args)
     cfg = build_config(args)
     validate(args, cfg)
     card = read_card(args.data)
@@ -234,7 +280,8 @@ def run(args: TrainSpec) -> int:
 def _settings(args: TrainSpec, cfg: SDMConfig) -> dict[str, object]:
     """What the report records of how the run was asked for (the fields given, and the config's name)."""
     batch = args.batch_size or cfg.train.batch_size
-    given = {k: v for k, v in dataclasses.asdict(args).items() if v is not None and v is not False and v != () and k != "address"}
+    skipped = {"address"} | (set() if args.distilling else DISTILL_FIELDS)
+    given = {k: v for k, v in dataclasses.asdict(args).items() if v is not None and v is not False and v != () and k not in skipped}
     return {"config": cfg.name, **given, "global batch": f"{args.num_workers} x {batch} x {args.grad_accum}",
             "validation every": args.validation_interval}
 

@@ -26,6 +26,7 @@ from sdm.checkpoint import (
     is_train_state,
     load_state_dict,
     load_train_state,
+    load_model,
     load_weights,
     save_classes,
     save_model,
@@ -38,7 +39,8 @@ from sdm.errors import CheckpointError, StorageError
 from sdm.labels import LabelEncoder
 from sdm.seeds import derive_seed
 
-from sdm.training import StepResult, make_ema, make_optimizer, to_memory_format, train_step, weights_layout
+from sdm.distill import GuidanceDistillation, ProgressiveDistillation, halving_grids, init_student
+from sdm.training import Loss, StepResult, make_ema, make_optimizer, to_memory_format, train_step, weights_layout
 from sdm.unet import SDMUNet
 
 CHECKPOINT_PREFIX = "checkpoint_"
@@ -64,7 +66,8 @@ def _step_of(checkpoint_uri: str) -> int:
     return int(os.path.basename(checkpoint_uri.rstrip("/"))[len(CHECKPOINT_PREFIX):])
 
 
-def _resume(run_uri: str, net: SDMUNet, ema: torch.nn.Module, opt: torch.optim.Optimizer, scaler) -> tuple[Progress, str] | None:
+def _resume(run_uri: str, net: SDMUNet, ema: torch.nn.Module, opt: torch.optim.Optimizer, scaler,
+            teacher: torch.nn.Module | None = None) -> tuple[Progress, str] | None:
     """Load the newest checkpoint that reads back whole: Ray Train's latest registered one, or a newer one on
     the store (a driver killed between a checkpoint's upload and its registration leaves one there), else an
     older complete one on the store."""
@@ -78,7 +81,7 @@ def _resume(run_uri: str, net: SDMUNet, ema: torch.nn.Module, opt: torch.optim.O
     for checkpoint in [*newer, *([registered] if registered is not None else []), *older]:
         try:
             with checkpoint.as_directory() as d:
-                return load_train_state(d, net, ema, opt, scaler), checkpoint.path
+                return load_train_state(d, net, ema, opt, scaler, teacher), checkpoint.path
         except CheckpointError as e:
             print(f"skipping an unreadable checkpoint: {e}")
     return None
@@ -94,6 +97,43 @@ def _init_weights(net: SDMUNet, ema: torch.nn.Module, uri: str) -> None:
         return
     net.load_state_dict(load_weights(ckpt, WEIGHTS_FILE))
     ema.load_state_dict(load_weights(ckpt, EMA_FILE))
+
+
+def _teacher(a: TrainSpec, device: torch.device) -> torch.nn.Module:
+    """The frozen teacher of a distillation, on this worker's device (in the weights' layout the student uses)."""
+    teacher, _ = load_model(a.teacher)
+    if a.channels_last:
+        teacher = teacher.to(memory_format=torch.channels_last)
+    return teacher.to(device).requires_grad_(False)
+
+
+def _objective(stage: str, teacher: torch.nn.Module | None, diffusion: GaussianDiffusion, cfg: SDMConfig) -> Loss | None:
+    """The loss a stage trains with: None for the diffusion loss of pretraining and fine-tuning."""
+    s = cfg.student
+    if stage == "distill-guidance":
+        return GuidanceDistillation(teacher, diffusion, s.guidance_range)
+    if stage == "distill-steps":
+        grids = halving_grids(cfg.diffusion.num_timesteps, s.from_steps, len(s.timesteps))
+        return ProgressiveDistillation(teacher, diffusion, grids, s.guidance_range)
+    return None
+
+
+def _round_teacher(objective: Loss | None) -> torch.nn.Module | None:
+    """What a checkpoint must keep of a distillation: the current round's teacher, where rounds change it."""
+    return objective.teacher if isinstance(objective, ProgressiveDistillation) and objective.round > 0 else None
+
+
+def _next_round(objective: ProgressiveDistillation, progress: Progress, ema_net: torch.nn.Module, total: int, rank: int) -> None:
+    """Start the round that step progress.step + 1 belongs to (the run's steps split evenly over the rounds): its
+    teacher is the EMA student so far."""
+    per_round = -(-total // objective.rounds)
+    wanted = min(progress.step // per_round, objective.rounds - 1)
+    if wanted != objective.round:
+        objective.set_teacher(ema_net, wanted)
+        progress.teacher_round = wanted
+        if rank == 0:
+            grid = objective.grids[wanted + 1]
+            print(f"round {wanted + 1}/{objective.rounds} from step {progress.step + 1}: {len(grid) * 2} -> {len(grid)} steps", flush=True)
 
 
 def _batches(shard: Any, a: TrainSpec, collate: TrainBatch, batch_size: int, epoch: int, rank: int, skip: int,
@@ -173,18 +213,21 @@ def train_worker(c: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(a.cpus_per_worker)))
     torch.manual_seed(derive_seed(a.seed, "init"))
 
-    net = SDMUNet(cfg.model)
+    teacher = _teacher(a, device) if a.distilling else None
+    net = init_student(teacher, cfg) if teacher is not None else SDMUNet(cfg.model)
     if a.channels_last:  # before the EMA copy, so both hold the same layout (the EMA update is one fused lerp)
         net = net.to(memory_format=torch.channels_last)
     ema = make_ema(net, cfg.train.ema_decay)
     finetune = a.stage == "finetune"
-    lr = a.lr or (cfg.train.finetune_lr if finetune else cfg.train.lr)
+    lr = cfg.student.lr if a.distilling else a.lr or (cfg.train.finetune_lr if finetune else cfg.train.lr)
     drop_rate = (cfg.train.drop_rate if a.drop_rate is None else a.drop_rate) if finetune else 0.0
     autocast_dtype, scaler = training_precision(device, a.precision)
 
+    diffusion = GaussianDiffusion.from_config(cfg.diffusion, cfg.model.learn_sigma)
+    objective = _objective(a.stage, teacher, diffusion, cfg)
     progress = Progress(stage=a.stage)
     opt = make_optimizer(net, lr, cfg.train.weight_decay)
-    resumed = _resume(a.run, net, ema, opt, scaler)
+    resumed = _resume(a.run, net, ema, opt, scaler, objective.teacher if isinstance(objective, ProgressiveDistillation) else None)
     if resumed is not None:
         progress, path = resumed
         if rank == 0:
@@ -196,7 +239,8 @@ def train_worker(c: dict[str, Any]) -> None:
     if rank == 0:
         dtype = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + grad scaler"}[autocast_dtype]
         print(f"{world} worker(s) x {torch.get_num_threads()} torch thread(s), {dtype}, {weights_layout(model)} weights", flush=True)
-    diffusion = GaussianDiffusion.from_config(cfg.diffusion, cfg.model.learn_sigma)
+    if isinstance(objective, ProgressiveDistillation):
+        objective.round = progress.teacher_round
     watch = Watch(a, cfg, progress.step, device) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
     total, accum = a.steps, a.grad_accum
@@ -216,7 +260,9 @@ def train_worker(c: dict[str, Any]) -> None:
             if len(micro) < accum:
                 continue
             gen.manual_seed(derive_seed(a.seed, rank, progress.step))  # the step's noise, reproducible on resume
-            r = train_step(model, opt, diffusion, micro, cfg, drop_rate, gen, autocast_dtype, scaler)
+            if isinstance(objective, ProgressiveDistillation):
+                _next_round(objective, progress, ema.module, total, rank)
+            r = train_step(model, opt, diffusion, micro, cfg, drop_rate, gen, autocast_dtype, scaler, loss=objective)
             micro = []
             progress.batches_in_epoch += accum
             if not r.finite:
@@ -253,10 +299,10 @@ def train_worker(c: dict[str, Any]) -> None:
                         print(_log_line(progress.step, total, r, lr, ips, waiting, time.perf_counter() - start, done_before,
                                         dropped), flush=True)
                 _report(metrics, progress, net, ema, opt, scaler, cfg, rank, save=progress.step % a.checkpoint_every == 0 or last,
-                        run_uri=a.run, watch=watch)
+                        run_uri=a.run, watch=watch, teacher=_round_teacher(objective))
             elif progress.step % a.checkpoint_every == 0:
                 _report({"step": progress.step, "loss": r.loss}, progress, net, ema, opt, scaler, cfg, rank, save=True, run_uri=a.run,
-                        watch=watch)
+                        watch=watch, teacher=_round_teacher(objective))
             if last:
                 break
         if a.audit_keys:
@@ -273,7 +319,7 @@ def train_worker(c: dict[str, Any]) -> None:
 
 
 def _report(metrics: dict[str, Any], progress: Progress, net, ema, opt, scaler, cfg: SDMConfig, rank: int, save: bool,
-            run_uri: str, watch: Watch | None) -> None:
+            run_uri: str, watch: Watch | None, teacher: torch.nn.Module | None = None) -> None:
     """Report metrics from every worker (a barrier); rank 0 attaches the checkpoint when saving, with the curves
     published just before it (sdm.tracking: a resumed run purges what lies beyond its checkpoint) and MLflow's
     scalars sent once it is saved.
@@ -294,7 +340,7 @@ def _report(metrics: dict[str, Any], progress: Progress, net, ema, opt, scaler, 
 
     watch.publish()
     with tempfile.TemporaryDirectory() as tmp:
-        save_train_state(tmp, net, ema, opt, scaler, progress, cfg)
+        save_train_state(tmp, net, ema, opt, scaler, progress, cfg, teacher)
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(tmp),

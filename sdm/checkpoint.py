@@ -4,7 +4,8 @@ An exported model directory: `config.json` and `model.safetensors`, and optional
 and palette colours, indexed by label id). A training run directory holds its exported model under `model/`.
 
 A training-state directory (what Ray Train persists per checkpoint): `model.safetensors` and `ema.safetensors`,
-`optimizer.pt` and `scaler.pt` (tensor-only state dicts), `rng.pt` (torch RNG states), `config.json`, and
+`optimizer.pt` and `scaler.pt` (tensor-only state dicts), `rng.pt` (torch RNG states), `config.json`, a progressive
+distillation's current teacher `teacher.safetensors`, and
 `state.json` (step, data position, and the size and checksum of every other file) written last. A checkpoint is
 complete when state.json is there and so is every file it names, at its size (sdm.storage's marker rule): Ray
 Train uploads the directory file by file in no set order, so a failed upload can leave state.json without the
@@ -36,6 +37,7 @@ WEIGHTS_FILE = "model.safetensors"
 CLASSES_FILE = "classes.json"
 RUN_MODEL_DIR = "model"
 EMA_FILE, OPTIMIZER_FILE, SCALER_FILE, RNG_FILE, STATE_FILE = "ema.safetensors", "optimizer.pt", "scaler.pt", "rng.pt", "state.json"
+TEACHER_FILE = "teacher.safetensors"
 
 
 def save_model(uri: str, net: torch.nn.Module, config: SDMConfig, metadata: dict[str, str] | None = None) -> None:
@@ -159,6 +161,7 @@ class Progress:
     epoch: int = 0
     batches_in_epoch: int = 0
     stage: str = "pretrain"
+    teacher_round: int = 0  # progressive distillation: the round whose teacher the checkpoint holds
 
 
 def _weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -172,8 +175,10 @@ def _torch_bytes(obj: object) -> bytes:
 
 
 def save_train_state(uri: str, net: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer,
-                     scaler: torch.amp.GradScaler | None, progress: Progress, config: SDMConfig) -> None:
-    """Everything needed to continue a run exactly; state.json, naming every other file, last."""
+                     scaler: torch.amp.GradScaler | None, progress: Progress, config: SDMConfig,
+                     teacher: torch.nn.Module | None = None) -> None:
+    """Everything needed to continue a run exactly (a distillation's current teacher too, where it changes during
+    the run); state.json, naming every other file, last."""
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -184,6 +189,7 @@ def save_train_state(uri: str, net: torch.nn.Module, ema: torch.nn.Module, opt: 
         **({SCALER_FILE: _torch_bytes(scaler.state_dict())} if scaler is not None else {}),
         RNG_FILE: _torch_bytes(rng),
         CONFIG_FILE: config.to_json().encode(),
+        **({TEACHER_FILE: save_safetensors(_weights(teacher))} if teacher is not None else {}),
     }
     for name, data in files.items():
         storage.write_bytes(storage.join(uri, name), data)
@@ -258,10 +264,13 @@ def _load_tensors(uri: str, name: str, files: dict | None = None) -> dict:
 
 
 def load_train_state(uri: str, net: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer,
-                     scaler: torch.amp.GradScaler | None) -> Progress:
-    """Restore weights, EMA, optimizer, scaler and RNG in place; returns the progress to continue from."""
+                     scaler: torch.amp.GradScaler | None, teacher: torch.nn.Module | None = None) -> Progress:
+    """Restore weights, EMA, optimizer, scaler and RNG in place (and a distillation's teacher, where the checkpoint
+    holds one); returns the progress to continue from."""
     state = _complete_state(uri)
     files = state.get("files")
+    if teacher is not None and TEACHER_FILE in (files or {}):
+        teacher.load_state_dict(load_weights(uri, TEACHER_FILE, files))
     net.load_state_dict(load_weights(uri, WEIGHTS_FILE, files))
     ema.load_state_dict(load_weights(uri, EMA_FILE, files))
     opt.load_state_dict(_load_tensors(uri, OPTIMIZER_FILE, files))

@@ -50,6 +50,7 @@ class ModelConfig:
     spade_hidden: int = 128
     norm_groups: int = 32
     use_checkpoint: bool = False
+    guidance_input: bool = False  # a guidance-distilled student: the guidance scale is an input (sdm.unet)
 
     @property
     def label_channels(self) -> int:
@@ -184,6 +185,57 @@ class SamplingParams:
 
 SAMPLING_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(SamplingParams))
 
+DistillMethod = Literal["", "guidance", "progressive"]
+
+
+@dataclass
+class StudentConfig:
+    """What a distilled model is, and where it came from; empty (method "") for a model trained from data.
+
+    A guidance student (model.guidance_input) runs classifier-free guidance in one network pass, for scales in
+    `guidance_range`; a step student also samples in exactly the `timesteps` it was distilled on (the network's
+    timesteps, ascending), with DDIM. sdm.distill builds these configs."""
+
+    method: DistillMethod = ""
+    teacher: str = ""  # the teacher's model id (sdm.checkpoint.model_id)
+    teacher_uri: str = ""
+    guidance_range: tuple[float, float] = (0.0, MAX_GUIDANCE)  # the scales the student was trained over
+    timesteps: tuple[int, ...] = ()  # a step student's sampling timesteps; () samples any
+    from_steps: int = 0  # progressive: the teacher's steps its first round halved
+    optimizer_steps: int = 0  # of this distillation
+    lr: float = 0.0
+
+    @property
+    def is_student(self) -> bool:
+        return self.method != ""
+
+    def validate(self, num_timesteps: int) -> None:
+        lo, hi = self.guidance_range
+        if not 0 <= lo <= hi <= MAX_GUIDANCE:
+            raise ConfigError(f"student.guidance_range must satisfy 0 <= low <= high <= {MAX_GUIDANCE:g}, got {self.guidance_range}")
+        ts = list(self.timesteps)
+        if ts and (ts != sorted(set(ts)) or ts[0] < 0 or ts[-1] >= num_timesteps):
+            raise ConfigError(f"student.timesteps must ascend without repeats within [0, {num_timesteps}), got {ts}")
+
+    def check_request(self, params: SamplingParams) -> SamplingParams:
+        """`params`, when this student can sample them; InvalidInputError naming the field it cannot."""
+        lo, hi = self.guidance_range
+        if not lo <= params.guidance_scale <= hi:
+            raise InvalidInputError(f"guidance_scale must lie in [{lo:g}, {hi:g}] for this student, which was distilled "
+                                    f"over those scales; got {params.guidance_scale!r}")
+        if self.timesteps:
+            n = len(self.timesteps)
+            if params.num_inference_steps != n:
+                raise InvalidInputError(f"num_inference_steps must be {n} for this student, which was distilled to "
+                                        f"{n} steps; got {params.num_inference_steps!r}")
+            if params.sampler != "ddim":
+                raise InvalidInputError(f"sampler must be 'ddim' for this student, which was distilled on DDIM steps; "
+                                        f"got {params.sampler!r}")
+            if params.cache_interval != 1:
+                raise InvalidInputError(f"cache_interval must be 1 for this student: each of its {n} steps needs the "
+                                        f"whole network; got {params.cache_interval!r}")
+        return params
+
 
 def renamed(new_value: Any, old_value: Any, old: str, new: str) -> Any:
     """A parameter given by its name or, for one release, by its deprecated old name (with a DeprecationWarning,
@@ -219,20 +271,22 @@ class SDMConfig:
     data: DataConfig = field(default_factory=DataConfig)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     train: TrainConfig = field(default_factory=TrainConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
 
     def validate(self) -> "SDMConfig":
         self.model.validate()
         self.diffusion.validate()
+        self.student.validate(self.diffusion.num_timesteps)
         try:
-            self.sampling.check_steps(self.diffusion.num_timesteps)
+            self.student.check_request(self.sampling.check_steps(self.diffusion.num_timesteps))
         except InvalidInputError as e:
             raise ConfigError(f"sampling: {e}") from None
         return self
 
     def resolve_sampling(self, **overrides: Any) -> SamplingParams:
         """The model's sampling defaults with a call's overrides (None: the default) applied, validated against
-        this model (InvalidInputError names the first bad parameter)."""
-        return self.sampling.resolve(**overrides).check_steps(self.diffusion.num_timesteps)
+        this model, a student's limits included (InvalidInputError names the first bad parameter)."""
+        return self.student.check_request(self.sampling.resolve(**overrides).check_steps(self.diffusion.num_timesteps))
 
     def to_dict(self) -> dict[str, Any]:
         return {"format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
@@ -247,6 +301,8 @@ class SDMConfig:
         for (section, key), default in _ADDED_SINCE_FORMAT_1.items():
             if d[section][key] == default:
                 del d[section][key]
+        if self.student == StudentConfig():
+            del d["student"]
         return json.dumps(d, indent=2, sort_keys=True)
 
     def to_yaml(self) -> str:
@@ -266,6 +322,7 @@ class SDMConfig:
                 data=_build(DataConfig, d.get("data", {}), "data"),
                 sampling=_build(SamplingParams, d.get("sampling", {}), "sampling"),
                 train=_build(TrainConfig, d.get("train", {}), "train"),
+                student=_build(StudentConfig, d.get("student", {}), "student"),
             ).validate()
         except KeyError as e:
             raise ConfigError(f"config is missing the key {e.args[0]!r}") from None
@@ -347,8 +404,13 @@ def upgrade_config(d: dict[str, Any]) -> dict[str, Any]:
     return upgrade(d, _CONFIG_UPGRADES, "config")
 
 
-_CONFIG_UPGRADES = [_config_v1_to_v2]
-_ADDED_SINCE_FORMAT_1 = {("sampling", "cache_interval"): 1}  # (section, key): default
+def _config_v2_to_v3(d: dict[str, Any]) -> dict[str, Any]:
+    """Version 3 added the student section and model.guidance_input, whose defaults describe every older model."""
+    return d
+
+
+_CONFIG_UPGRADES = [_config_v1_to_v2, _config_v2_to_v3]
+_ADDED_SINCE_FORMAT_1 = {("sampling", "cache_interval"): 1, ("model", "guidance_input"): False}  # (section, key): default
 FORMAT_VERSION = len(_CONFIG_UPGRADES) + 1  # of a stored config (SDMConfig.to_dict)
 
 

@@ -40,7 +40,8 @@ class SDMPipeline:
         self.diffusion = GaussianDiffusion.from_config(config.diffusion, learn_sigma=config.model.learn_sigma)
         self.label_encoder = LabelEncoder(config)
         runner_net = compile_net(self.net, self.device) if compile else self.net
-        self.runner = SampleRunner(runner_net, self.diffusion, self.device, self.dtype, micro_batch, label_cache=fast_path)
+        self.runner = SampleRunner(runner_net, self.diffusion, self.device, self.dtype, micro_batch, label_cache=fast_path,
+                                   timesteps=config.student.timesteps)
 
     @classmethod
     def from_pretrained(cls, uri: str, device: torch.device | str | None = None, precision: str = "auto",

@@ -35,12 +35,15 @@ class SampleRunner:
     """A network and its diffusion process, run in fixed micro-batches on one device and precision."""
 
     def __init__(self, net: nn.Module, diffusion: GaussianDiffusion, device: torch.device,
-                 autocast_dtype: torch.dtype | None, micro_batch: int = DEFAULT_MICRO_BATCH, label_cache: bool = False):
-        """`label_cache`: compute the SPADE modulations of a micro-batch's label maps once per run (sdm.samplers)."""
+                 autocast_dtype: torch.dtype | None, micro_batch: int = DEFAULT_MICRO_BATCH, label_cache: bool = False,
+                 timesteps: Sequence[int] = ()):
+        """`label_cache`: compute the SPADE modulations of a micro-batch's label maps once per run (sdm.samplers);
+        `timesteps`: a step student's own (sdm.config.StudentConfig), instead of evenly spread steps."""
         if micro_batch < 1:
             raise InvalidInputError(f"micro_batch must be >= 1, got {micro_batch}")
         self.net, self.diffusion, self.device, self.dtype = net, diffusion, device, autocast_dtype
         self.micro_batch, self.label_cache = micro_batch, label_cache
+        self.timesteps = list(timesteps) or None
 
     @torch.no_grad()
     def __call__(self, labels: torch.Tensor, seeds: Sequence[int], params: SamplingParams,
@@ -94,5 +97,5 @@ class SampleRunner:
             lambda d: make_denoiser(self.net, d, label, scale, self.dtype, cache_interval=params.cache_interval,
                                     label_cache=self.label_cache),
             self.diffusion, params.sampler,
-            params.num_inference_steps, noise, eta=params.eta, known=chunk_known, progress=progress,
+            params.num_inference_steps, noise, eta=params.eta, known=chunk_known, progress=progress, timesteps=self.timesteps,
         )

@@ -10,7 +10,7 @@ function of its seed, never of the batch it was in.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +20,7 @@ from torch import nn
 from sdm.config import SamplerName
 from sdm.diffusion import GaussianDiffusion, ModelPrediction, spaced_steps
 from sdm.labels import null_label
-from sdm.unet import FeatureCache, Modulations
+from sdm.unet import FeatureCache, Modulations, takes_guidance
 
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], ModelPrediction]
@@ -41,13 +41,17 @@ def guided_output(
     `scale` is one number, or a [B] tensor with one per row. The variance channels come from the
     conditional branch. A scalar s = 1 runs the conditional model alone; otherwise both branches go
     through the network in one batched forward pass (or two, for comparison; not with a feature cache or
-    precomputed modulations, which belong to the network batch: those of `guidance_input(label, scale)`).
+    precomputed modulations, which belong to the network batch: those of `guidance_input(net, label, scale)`).
+    A guidance student (sdm.unet.takes_guidance) returns the guided output itself: one pass of the label rows.
     """
     extra = {k: v for k, v in (("cache", cache), ("mods", mods)) if v is not None}
+    if takes_guidance(net):
+        scales = scale.to(x.device, torch.float32) if isinstance(scale, torch.Tensor) else torch.full((x.shape[0],), float(scale), device=x.device)
+        return net(x, t, label, guidance=scales, **extra)
     if not isinstance(scale, torch.Tensor) and scale == 1.0:
         return net(x, t, label, **extra)
     if batched:
-        out = net(torch.cat([x, x]), torch.cat([t, t]), guidance_input(label, scale), **extra)
+        out = net(torch.cat([x, x]), torch.cat([t, t]), guidance_input(net, label, scale), **extra)
         cond, uncond = out.chunk(2)
     elif extra:
         raise ValueError("a feature cache or precomputed modulations need batched guidance: the branches would share them")
@@ -60,9 +64,10 @@ def guided_output(
     return torch.cat([eps, cond[:, 3:]], dim=1)
 
 
-def guidance_input(label: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
-    """The label input of the network batch guided_output runs: the labels, then their null labels when guided."""
-    if not isinstance(scale, torch.Tensor) and scale == 1.0:
+def guidance_input(net: nn.Module, label: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """The label input of the network batch guided_output runs: the labels, then their null labels when guided by
+    two branches."""
+    if takes_guidance(net) or not isinstance(scale, torch.Tensor) and scale == 1.0:
         return label
     return torch.cat([label, null_label(label)])
 
@@ -126,7 +131,7 @@ def make_denoiser(
         calls += 1
         with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             if label_cache and mods is None:
-                mods = net.modulations(guidance_input(label, scale))
+                mods = net.modulations(guidance_input(net, label, scale))
             out = guided_output(net, x.to(label.dtype), d.model_timesteps(t), label, scale, batched, cache, mods)
         return d.split_output(out.float())
 
@@ -238,15 +243,18 @@ def sample(
     eta: float = 0.0,
     known: Known | None = None,
     progress: Callable[[int, int], None] | None = None,
+    timesteps: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Run a sampler (by name, or a Sampler object) from pure noise to x_0 in [-1, 1]; `denoise_for` binds the model
-    to the respaced process.
+    to the respaced process: `steps` evenly spread steps, or the given `timesteps` (a step student's).
 
     Each step: the model's prediction, its x_0 clipped to [-1, 1], the sampler's update, then the known region
     replaced by the forward-noised image at the step moved to.
     """
     sampler = (method if isinstance(method, Sampler) else make_sampler(method, eta)).fresh()
-    d = diffusion.respaced(spaced_steps(diffusion.num_timesteps, steps))
+    if timesteps is not None and len(timesteps) != steps:
+        raise ValueError(f"{steps} steps but {len(timesteps)} timesteps")
+    d = diffusion.respaced(spaced_steps(diffusion.num_timesteps, steps) if timesteps is None else timesteps)
     denoise = denoise_for(d)
     n = d.num_timesteps
     x = _impose(noise(), known, d, n - 1, noise)

@@ -24,6 +24,10 @@ from sdm.labels import LabelEncoder
 from sdm.unet import SDMUNet
 
 
+# (network, x0, label input, generator, autocast dtype) -> per-sample "loss" and "mse", and the timesteps "t"
+Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor, "torch.Generator | None", "torch.dtype | None"], dict[str, torch.Tensor]]
+
+
 def drop_labels(label: torch.Tensor, drop_rate: float, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Replace each sample's label input by the null label with probability drop_rate; returns (label, kept)."""
     if drop_rate <= 0:
@@ -114,11 +118,13 @@ def train_step(
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    loss: Loss | None = None,
 ) -> StepResult:
     """Accumulate gradients over micro-batches, clip, and step; a non-finite gradient skips the update.
 
-    Under DDP the gradient sync runs only on the last micro-batch. The gradient norm is taken after
-    the all-reduce, so every worker agrees on whether to skip. The caller updates the EMA.
+    `loss` replaces the diffusion loss (a distillation's: sdm.distill). Under DDP the gradient sync runs only on
+    the last micro-batch. The gradient norm is taken after the all-reduce, so every worker agrees on whether to
+    skip. The caller updates the EMA.
     """
     opt.zero_grad(set_to_none=True)
     parts: list[dict[str, torch.Tensor]] = []
@@ -128,9 +134,12 @@ def train_step(
         kept_total += int(kept.sum())
         sync = i == len(microbatches) - 1 or not hasattr(net, "no_sync")
         with contextlib.nullcontext() if sync else net.no_sync():
-            terms = diffusion_loss(net, diffusion, x0, label, config.diffusion.lambda_vlb, generator, autocast_dtype)
-            loss = terms["loss"].mean() / len(microbatches)
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+            if loss is None:
+                terms = diffusion_loss(net, diffusion, x0, label, config.diffusion.lambda_vlb, generator, autocast_dtype)
+            else:
+                terms = loss(net, x0, label, generator, autocast_dtype)
+            mean = terms["loss"].mean() / len(microbatches)
+            (scaler.scale(mean) if scaler is not None else mean).backward()
         parts.append({k: v.detach() for k, v in terms.items()})
     if scaler is not None:
         scaler.unscale_(opt)

@@ -38,6 +38,9 @@ class GroupNorm32(nn.GroupNorm):
             return super().forward(x.float()).to(x.dtype)
 
 
+# Guidance scales enter the sinusoidal embedding as timesteps do: a scale of 1 lands where timestep 250 would.
+GUIDANCE_EMBED_SCALE = 250.0
+
 Modulations = list[tuple[torch.Tensor, torch.Tensor]]  # (gamma, beta) of every SPADE, in SDMUNet.modulations' order
 
 
@@ -211,6 +214,12 @@ class SDMUNet(nn.Module):
         mc = cfg.model_channels
         emb_dim = 4 * mc
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.guidance_input:
+            # Added to the timestep embedding; its last layer starts at zero, so a fresh guidance student is its
+            # teacher's conditional branch at every scale (Meng et al. 2023).
+            self.guidance_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            nn.init.zeros_(self.guidance_embed[2].weight)
+            nn.init.zeros_(self.guidance_embed[2].bias)
         in_ch = 3 + (0 if spade else cfg.label_channels)
         ch = int(cfg.channel_mult[0] * mc)
         self.input_blocks = nn.ModuleList([Stage([nn.Conv2d(in_ch, ch, 3, padding=1)])])
@@ -269,11 +278,16 @@ class SDMUNet(nn.Module):
         return stage(h, emb, label, mods)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor, cache: FeatureCache | None = None,
-                mods: Modulations | None = None) -> torch.Tensor:
-        """x: [B,3,H,W] noisy image; t: [B] timesteps on the original 0..T-1 scale; label: [B,C,H,W].
+                mods: Modulations | None = None, guidance: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B,3,H,W] noisy image; t: [B] timesteps on the original 0..T-1 scale; label: [B,C,H,W]; guidance: [B]
+        scales, which a guidance student (cfg.guidance_input) needs and any other network refuses.
         With a `cache` whose `full` is False, only the shallow path runs (see FeatureCache); `mods`, this label
         input's `modulations`, spares the SPADE layers computing them."""
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels))
+        if self.cfg.guidance_input != (guidance is not None):
+            raise ValueError("a guidance student takes the guidance scale as an input, and only a guidance student does")
+        if guidance is not None:
+            emb = emb + self.guidance_embed(timestep_embedding(guidance * GUIDANCE_EMBED_SCALE, self.cfg.model_channels))
         spade = self.cfg.conditioning == "spade"
         h = x if spade else torch.cat([x, label.to(x.dtype)], dim=1)
         cond = label if spade else None
@@ -292,6 +306,13 @@ class SDMUNet(nn.Module):
                 cache.deep = h
             h = self._run(stage, torch.cat([h, hs.pop()], dim=1), emb, cond, mods)
         return self.out_conv(F.silu(self.out_norm(h)))
+
+
+def takes_guidance(net: nn.Module) -> bool:
+    """Whether a network (bare, compiled or DDP-wrapped) is a guidance student, which guidance runs in one pass."""
+    inner = getattr(net, "_orig_mod", net)
+    inner = getattr(inner, "module", inner)
+    return bool(inner.cfg.guidance_input)
 
 
 def count_parameters(net: nn.Module) -> int:

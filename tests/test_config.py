@@ -107,20 +107,21 @@ V1_TINY = {
 
 def test_a_stored_config_of_format_1_is_upgraded_and_stored_again_with_its_version():
     upgraded = upgrade_config(V1_TINY)
-    assert upgraded["format_version"] == FORMAT_VERSION == 2
+    assert upgraded["format_version"] == FORMAT_VERSION == 3
     assert upgraded["diffusion"]["num_timesteps"] == 1000 and "steps" not in upgraded["diffusion"]
     assert upgraded["sampling"] == {"guidance_scale": 1.5, "sampler": "ddim", "num_inference_steps": 25, "eta": 1.0}
     assert V1_TINY["sampling"]["steps"] == 25  # the caller's dict is left as it was
     cfg = SDMConfig.from_dict(V1_TINY)
     assert cfg == get_preset("tiny")
     stored = json.loads(cfg.to_json())
-    assert stored["format_version"] == 2 and stored["sampling"]["cache_interval"] == 1
+    assert stored["format_version"] == 3 and stored["sampling"]["cache_interval"] == 1
+    assert stored["student"]["method"] == "" and stored["model"]["guidance_input"] is False  # not a student
     assert SDMConfig.from_json(cfg.to_json()) == cfg
 
 
 def test_a_config_from_a_newer_format_is_refused():
     for version in (FORMAT_VERSION + 1, 0, "2"):
-        with pytest.raises(ConfigError, match=rf"config has format_version {version!r}; this version of sdm reads formats 1 to 2"):
+        with pytest.raises(ConfigError, match=rf"config has format_version {version!r}; this version of sdm reads formats 1 to 3"):
             SDMConfig.from_dict({**get_preset("tiny").to_dict(), "format_version": version})
 
 
@@ -187,8 +188,9 @@ def test_generation_settings_from_a_newer_format_are_refused():
 def test_a_models_identity_is_its_format_1_config_so_model_ids_survive_the_format_change():
     cfg = get_preset("tiny")
     # the config bytes that model ids hashed before format versions, for the tiny preset
-    v1 = {k: v for k, v in cfg.to_dict().items() if k != "format_version"}
+    v1 = {k: v for k, v in cfg.to_dict().items() if k not in ("format_version", "student")}
     v1["sampling"] = {k: v for k, v in v1["sampling"].items() if k != "cache_interval"}
+    v1["model"] = {k: v for k, v in v1["model"].items() if k != "guidance_input"}
     assert cfg.identity_json() == json.dumps(v1, indent=2, sort_keys=True)
     changed = cfg.with_overrides(["sampling.cache_interval=2"])  # a field added since counts once it is set
     assert json.loads(changed.identity_json())["sampling"]["cache_interval"] == 2
