@@ -9,10 +9,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdm.checkpoint import save_model
+from sdm.checkpoint import load_classes, load_model, model_id, save_classes, save_model
 from sdm.config import ModelConfig, SamplingParams, SDMConfig, get_preset
 from sdm.data.card import read_card
 from sdm.data.shards import iter_samples
+from sdm.distill import halving_grids, init_student, student_config
 from sdm.imageio import encode_png
 from sdm.generated_dataset import Draw, GenerationOutput, GenerationSettings, generated_row
 from sdm.labels import label_input
@@ -66,6 +67,21 @@ def save_random_model(uri: str, preset: str = "tiny", seed: int = 0) -> SDMConfi
     torch.manual_seed(seed)
     save_model(uri, perturbed(SDMUNet(config.model), seed=seed), config, metadata={"origin": "random-init"})
     return config
+
+
+def save_random_student(uri: str, teacher_uri: str, target_steps: int | None = 4, seed: int = 1) -> SDMConfig:
+    """Export a student of the model at `teacher_uri` with randomly perturbed weights: a step student of
+    `target_steps` steps (the grid of halving twice), or a guidance student when None; returns its config."""
+    teacher, config = load_model(teacher_uri)
+    T = config.diffusion.num_timesteps
+    grid = halving_grids(T, 4 * target_steps, target_steps)[-1] if target_steps else ()
+    student = student_config(config, "progressive" if target_steps else "guidance", model_id(teacher_uri), teacher_uri,
+                             timesteps=grid, from_steps=4 * target_steps if target_steps else 0)
+    save_model(uri, perturbed(init_student(teacher, student), seed=seed), student, metadata={"origin": "random-init"})
+    classes = load_classes(teacher_uri)
+    if classes is not None:
+        save_classes(uri, *classes)
+    return student
 
 
 def write_painted_generation(uri: str, data: str, paint: Callable[[np.random.Generator, dict[str, Any]], np.ndarray], k: int,

@@ -17,7 +17,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from sdm import checkpoint
-from sdm.config import SAMPLER_NAMES, SamplingParams
+from sdm.config import SAMPLER_NAMES, SamplingParams, StudentConfig
 from sdm.data.preprocess import fit_to_model
 from sdm.errors import InvalidInputError
 from sdm.labels import LabelEncoder, as_id_array, colors_to_ids, default_classes
@@ -48,6 +48,7 @@ class ModelInfo:
     labels: LabelEncoder  # the model's: what checks a label map's ids
     defaults: SamplingParams
     max_steps: int
+    student: StudentConfig  # a distilled model's limits (method "" for any other)
 
     @classmethod
     def from_uri(cls, uri: str, limits: Limits) -> "ModelInfo":
@@ -65,6 +66,7 @@ class ModelInfo:
             labels=LabelEncoder(config),
             defaults=config.sampling,
             max_steps=min(limits.max_steps, config.diffusion.num_timesteps),
+            student=config.student,
         )
 
     def describe(self, name: str, limits: Limits) -> ModelDescription:
@@ -84,7 +86,15 @@ class ModelInfo:
                 "max_body_bytes": limits.max_body_bytes,
                 "max_image_side": limits.max_image_side,
             },
+            student=self._student(),
         )
+
+    def _student(self) -> dict[str, Any] | None:
+        s = self.student
+        if not s.is_student:
+            return None
+        return {"method": s.method, "teacher": s.teacher, "guidance_range": s.guidance_range,
+                "num_inference_steps": len(s.timesteps) or None}
 
 
 @dataclass(frozen=True)
@@ -182,8 +192,12 @@ def _sampling(req: SamplingFields, info: ModelInfo) -> SamplingParams:
         name, steps = "steps", req.steps
     if steps is not None:
         _at_most(name, steps, info.max_steps)
-    return info.defaults.resolve(guidance_scale=req.guidance_scale, num_inference_steps=steps, sampler=req.sampler,
-                                 cache_interval=req.cache_interval)
+    params = info.defaults.resolve(guidance_scale=req.guidance_scale, num_inference_steps=steps, sampler=req.sampler,
+                                   cache_interval=req.cache_interval)
+    try:
+        return info.student.check_request(params)
+    except InvalidInputError as e:  # what a distilled model cannot serve, whatever the schema allows
+        raise ApiError(400, "invalid_parameter", str(e)) from None
 
 
 def _refusal(kind: str, e: ValidationError) -> ApiError:

@@ -16,7 +16,7 @@ from ray import serve
 from sdm.errors import SDMError
 from sdm.pipeline import SDMPipeline, known_from_image
 from sdm.config import SamplingParams
-from sdm.samplers import Known
+from sdm.samplers import Known, guided_output
 from sdm.seeds import sample_seeds
 from serve.inputs import Job
 from serve.metrics import ModelMetrics
@@ -221,7 +221,7 @@ def _probe(pipe: SDMPipeline) -> None:
     """One network evaluation on the null label, in the serving precision; raises when the model cannot run."""
     m, dev, dtype = pipe.config.model, pipe.device, pipe.dtype
     with torch.no_grad(), torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        out = pipe.net(torch.zeros(1, 3, *m.image_size, device=dev), torch.zeros(1, device=dev),
-                       torch.zeros(1, m.label_channels, *m.image_size, device=dev))
+        out = guided_output(pipe.net, torch.zeros(1, 3, *m.image_size, device=dev), torch.zeros(1, device=dev),
+                            torch.zeros(1, m.label_channels, *m.image_size, device=dev), 1.0)
     if not torch.isfinite(out).all():
         raise RuntimeError("the model's output is not finite")

@@ -106,6 +106,16 @@ class RequestLimits(BaseModel):
     max_image_side: int
 
 
+class StudentDescription(BaseModel):
+    """What a distilled model is (sdm.config.StudentConfig): the scales it serves and, for a step student, the one
+    number of steps it samples in (any other is refused)."""
+
+    method: str
+    teacher: str
+    guidance_range: tuple[float, float]
+    num_inference_steps: int | None = Field(description="a step student's only number of steps; null: any")
+
+
 class ModelDescription(BaseModel):
     """One served model: what a label map for it must hold, and its sampling defaults."""
 
@@ -119,6 +129,7 @@ class ModelDescription(BaseModel):
     defaults: SamplingDefaults  # type: ignore[valid-type]
     samplers: list[str]
     limits: RequestLimits
+    student: StudentDescription | None = Field(None, description="set for a distilled model")
 
 
 class ModelList(BaseModel):

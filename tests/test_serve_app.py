@@ -18,6 +18,7 @@ import pytest
 import requests
 import torch
 
+from sdm.errors import EXIT_REFUSED, InvalidInputError
 from sdm.pipeline import SDMPipeline
 from sdm.seeds import derive_seed
 from hostile_corpus import load_corpus, multipart
@@ -383,45 +384,72 @@ def test_the_python_client_retries_503_until_the_model_has_room(cluster, model_d
         serve.delete("retry")
 
 
-@pytest.mark.parametrize("precision", ["auto", "fp32"])
-def test_every_door_draws_the_same_bytes(cluster, url, model_dir, tmp_path, precision):
-    """One label map and seed give byte-identical PNGs through the generation job, the pipeline, `sdm sample` and
-    POST /v1/generate; every sample the job records is reproduced from its recorded seed and index."""
+DOOR_CASES = {  # which model, at which precision, with which request
+    "teacher-auto": ("teacher", "auto", {"num_inference_steps": STEPS, "sampler": "dpm++sde", "guidance_scale": 2.0}),
+    "teacher-fp32": ("teacher", "fp32", {"num_inference_steps": STEPS, "sampler": "dpm++sde", "guidance_scale": 2.0}),
+    # a step student of STEPS steps: guidance inside the network, its own timesteps, DDIM
+    "student-auto": ("student", "auto", {"num_inference_steps": STEPS, "sampler": "ddim", "guidance_scale": 2.5}),
+}
+
+
+@pytest.mark.parametrize("case", list(DOOR_CASES))
+def test_every_door_draws_the_same_bytes(cluster, url, model_dir, tmp_path, case):
+    """One label map and seed give byte-identical PNGs through the generation job, the pipeline, `sdm sample`,
+    POST /v1/generate and the Python client, from a model and from a distilled student alike; every sample the job
+    records is reproduced from its recorded seed and index."""
     from jobs.generate import main as generate_job
     from sdm.cli import main as sdm_cli
+    from sdm.client import SDMClient
     from sdm.data.shards import iter_rows
+    from sdm.testing import save_random_student
 
+    kind, precision, params = DOOR_CASES[case]
+    model = model_dir if kind == "teacher" else str(tmp_path / "student")
+    if kind == "student":
+        save_random_student(model, model_dir, target_steps=STEPS)
+    flags = [x for k, v in params.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     labels = tmp_path / "labels"
     labels.mkdir()
     for i in range(3):
         (labels / f"map{i}.png").write_bytes(png(label_map(seed=20 + i)))
     out = str(tmp_path / "generated")
-    assert generate_job(["--model", model_dir, "--labels", str(labels), "--out", out, "--samples-per-label", "2",
-                         "--num-inference-steps", str(STEPS), "--sampler", "dpm++sde", "--guidance-scale", "2.0", "--seed", "5",
+    assert generate_job(["--model", model, "--labels", str(labels), "--out", out, "--samples-per-label", "2", *flags, "--seed", "5",
                          "--precision", precision, "--batch-size", "4", "--cpus-per-worker", "0.25"]) == 0
     # After the job, whose read and write tasks take a whole CPU of this 2-CPU cluster.
-    base = url if precision == "auto" else deploy(
-        {"model_uri": model_dir, "num_cpus": 0.25, "precision": precision}, "doors", "/doors", cluster.http)
-    pipe = SDMPipeline.from_pretrained(model_dir, device="cpu", precision=precision)
+    base = url if case == "teacher-auto" else deploy(
+        {"model_uri": model, "num_cpus": 0.25, "precision": precision}, "doors", "/doors", cluster.http)
+    pipe = SDMPipeline.from_pretrained(model, device="cpu", precision=precision)
+    client = SDMClient(base)
     rows = sorted(iter_rows(out), key=lambda r: r["key"])
     assert len(rows) == 6
     for row in rows[:3]:
         k, seed = row["sample_index"], row["seed"]
         label_png = (labels / f"{row['source_key']}.png").read_bytes()
-        params = {"num_inference_steps": STEPS, "sampler": "dpm++sde", "guidance_scale": 2.0, "seed": seed, "num_samples": k + 1}
-        direct = pipe(read_png(label_png), num_inference_steps=STEPS, sampler="dpm++sde", guidance_scale=2.0, seed=seed, num_samples=k + 1)
-        served = requests.post(f"{base}/v1/generate", json={"label": base64.b64encode(label_png).decode(), **params},
+        direct = pipe(read_png(label_png), seed=seed, num_samples=k + 1, **params)
+        served = requests.post(f"{base}/v1/generate", json={"label": base64.b64encode(label_png).decode(), **params, "seed": seed,
+                                                            "num_samples": k + 1},
                                headers={"Accept": "application/json"}, timeout=120)
         assert served.status_code == 200, served.text
         cli_out = tmp_path / f"cli-{row['key']}"
-        assert sdm_cli(["sample", "--model", model_dir, "--labels", str(labels / f"{row['source_key']}.png"), "--out", str(cli_out),
-                        "--num-inference-steps", str(STEPS), "--sampler", "dpm++sde", "--guidance-scale", "2.0", "--seed", str(seed),
-                        "--num-samples", str(k + 1), "--precision", precision, "--device", "cpu"]) == 0
+        assert sdm_cli(["sample", "--model", model, "--labels", str(labels / f"{row['source_key']}.png"), "--out", str(cli_out),
+                        *flags, "--seed", str(seed), "--num-samples", str(k + 1), "--precision", precision, "--device", "cpu"]) == 0
         job_image = read_png(row["image"])
         assert np.array_equal(direct[k], job_image)
         assert np.array_equal(read_png(base64.b64decode(served.json()["images"][k])), job_image)
         assert np.array_equal(read_png((cli_out / f"{row['source_key']}_{k}.png").read_bytes()), job_image)
-    if precision != "auto":
+        assert np.array_equal(client.generate(read_png(label_png), seed=seed, num_samples=k + 1, **params)[k], job_image)
+    if kind == "student":  # what it cannot serve is refused by name at every door, before any sampling
+        with pytest.raises(InvalidInputError, match="num_inference_steps must be 4 for this student"):
+            pipe(read_png(label_png), num_inference_steps=25)
+        refused = requests.post(f"{base}/v1/generate", json={"label": base64.b64encode(label_png).decode(), "sampler": "dpm++"},
+                                headers={"Accept": "application/json"}, timeout=60)
+        assert (refused.status_code, refused.json()["error"]["code"]) == (400, "invalid_parameter")
+        assert "sampler must be 'ddim' for this student" in refused.json()["error"]["message"]
+        described = requests.get(f"{base}/v1/model", timeout=30).json()["student"]
+        assert described["num_inference_steps"] == STEPS and described["guidance_range"] == [1.0, 3.0]
+        assert generate_job(["--model", model, "--labels", str(labels), "--out", str(tmp_path / "refused"),
+                             "--guidance-scale", "3.5"]) == EXIT_REFUSED
+    if case != "teacher-auto":
         from ray import serve
 
         serve.delete("doors")  # frees its CPU share for the tests after this one
