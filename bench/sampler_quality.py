@@ -17,6 +17,14 @@ sampler is chosen (docs/evaluation.md). A contact sheet PNG shows one column per
 
 Before the sweep it prints two diagnoses of why deterministic samplers draw grain: how much of the noise in x_t
 the model finds at each timestep, and the texture of DDIM switched between eta 1 and eta 0 at a timestep.
+
+With --students (distilled models of --model: sdm.distill), it instead compares them with their teacher at each
+guidance scale of --guidances: the teacher's 1000-step reference and its default sampler, then every student at its
+own steps (a step student with DDIM eta 0, as distilled, and eta 1; a guidance student at the teacher's default and
+at 10 steps), each row with its network rows per image, time, every figure, and whether it is usable: within the
+tolerances above. One contact sheet per scale.
+
+    python bench/sampler_quality.py --students runs/distill/dg,runs/distill/ds4 --guidances 1,1.5,3
 """
 
 from __future__ import annotations
@@ -68,6 +76,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--switch-steps", type=int, default=25, help="steps of the switched-DDIM diagnosis")
     p.add_argument("--cache-intervals", default="2,3,5", help="feature-cache intervals k to measure ('' for none)")
     p.add_argument("--cache-steps", default="25,50", help="step counts of the feature-cache rows (the model's default sampler)")
+    p.add_argument("--students", default="", help="distilled students of --model to compare with it instead of the sweep")
+    p.add_argument("--guidances", default="1,1.5,3", help="--students: the guidance scales to compare at")
     return p.parse_args(argv)
 
 
@@ -159,6 +169,81 @@ def texture_by_switch(pipe: SDMPipeline, maps: list[dict], guidance: float, step
     return out
 
 
+def _draw(pipe: SDMPipeline, maps: list[dict], k: int, seed: int, **params) -> tuple[np.ndarray, float]:
+    t0 = time.perf_counter()
+    images = pipe([m["label"] for m in maps], instances=[m["instance"] for m in maps], seed=seed, num_samples=k, **params)
+    return images, time.perf_counter() - t0
+
+
+def _usable(r: dict, ref: dict, args: argparse.Namespace) -> bool:
+    """Within the sweep's tolerances: texture near the real images', mIoU near the reference's."""
+    return abs(r["texture_ratio"] - 1) <= args.texture_tolerance and r["miou"] >= ref["miou"] - args.miou_tolerance
+
+
+def _student_settings(pipe: SDMPipeline, teacher: SDMPipeline) -> list[tuple[str, dict]]:
+    """(label, sampling parameters) of a student's rows: a step student's own steps with DDIM eta 0 (as distilled)
+    and eta 1; a guidance student's at its teacher's default sampler and at 10 steps."""
+    s = pipe.config.student
+    if s.timesteps:
+        n = len(s.timesteps)
+        return [(f"ddim eta 0 {n}", {"eta": 0.0}), (f"ddim eta 1 {n}", {"eta": 1.0})]
+    d = teacher.config.sampling
+    return [(f"{d.sampler} eta {d.eta:g} {n}", {"sampler": d.sampler, "eta": d.eta, "num_inference_steps": n})
+            for n in (d.num_inference_steps, 10)]
+
+
+def compare_students(args: argparse.Namespace, teacher: SDMPipeline, maps: list[dict], scorer: Scorer, palette) -> int:
+    """The students against their teacher at each guidance scale (see the module's doc)."""
+    students = {uri: SDMPipeline.from_pretrained(uri, precision=args.precision, micro_batch=args.maps * args.k)
+                for uri in args.students.split(",")}
+    default = teacher.config.sampling
+    all_rows = []
+    for g in (float(v) for v in args.guidances.split(",")):
+        ref_images, ref_seconds = _draw(teacher, maps, args.k, args.seed, guidance_scale=g, sampler=REFERENCE[0],
+                                        num_inference_steps=REFERENCE[1], eta=0.0)
+        ref = {"setting": f"teacher {REFERENCE[0]} {REFERENCE[1]} (reference)", "rows_per_image": REFERENCE[1] * (1 if g == 1 else 2),
+               "seconds": ref_seconds, **scorer(ref_images, None)}
+        images, seconds = _draw(teacher, maps, args.k, args.seed, guidance_scale=g)
+        rows = [ref, {"setting": f"teacher {default.sampler} eta {default.eta:g} {default.num_inference_steps} (default)",
+                      "rows_per_image": default.num_inference_steps * (1 if g == 1 else 2), "seconds": seconds,
+                      **scorer(images, ref_images)}]
+        columns = [ref_images, images]
+        for uri, pipe in students.items():
+            lo, hi = pipe.config.student.guidance_range
+            if not lo <= g <= hi:
+                continue
+            for name, params in _student_settings(pipe, teacher):
+                images, seconds = _draw(pipe, maps, args.k, args.seed, guidance_scale=g, **params)
+                steps = params.get("num_inference_steps", pipe.config.sampling.num_inference_steps)
+                rows.append({"setting": f"{uri.rstrip('/').split('/')[-1]} {name}", "rows_per_image": steps, "seconds": seconds,
+                             **scorer(images, ref_images)})
+                columns.append(images)
+        for r in rows:
+            r.update(guidance=g, usable=_usable(r, ref, args), speedup_vs_default=rows[1]["seconds"] / r["seconds"],
+                     speedup_vs_reference=ref["seconds"] / r["seconds"])
+        print(f"\nguidance {g:g}\n{STUDENT_HEADER}")
+        for r in rows:
+            print(_student_row(r, len(ref_images)))
+        sheet = [(maps[i]["label"], maps[i]["image"], np.stack([c[i * args.k] for c in columns])) for i in range(min(8, len(maps)))]
+        uri = storage.join(args.out, f"students_g{g:g}.png")
+        storage.write_bytes(uri, contact_sheet_png(sheet, palette, min_cell=64))
+        print(f"contact sheet (label | real | {' | '.join(r['setting'] for r in rows)}): {uri}")
+        all_rows += rows
+    storage.write_bytes(storage.join(args.out, "students.json"), json.dumps({"settings": vars(args), "rows": all_rows}, indent=1).encode())
+    return 0
+
+
+STUDENT_HEADER = (f"{'setting':<40}{'rows/img':>9}{'ms/img':>8}{'x default':>10}{'x ref':>7}{'tex/real':>9}{'spec dB':>8}"
+                  f"{'HF x':>6}{'vs ref dB':>10}{'mIoU':>8}{'seg-FD':>8}{'diversity':>10}  usable")
+
+
+def _student_row(r: dict, n: int) -> str:
+    vs_ref = f"{r['spectrum_db_vs_ref']:>10.2f}" if "spectrum_db_vs_ref" in r else f"{'-':>10}"
+    return (f"{r['setting']:<40}{r['rows_per_image']:>9}{1000 * r['seconds'] / n:>8.1f}{r['speedup_vs_default']:>9.2f}x"
+            f"{r['speedup_vs_reference']:>6.0f}x{r['texture_ratio']:>9.2f}{r['spectrum_db']:>8.2f}{r['hf_ratio']:>6.2f}{vs_ref}"
+            f"{r['miou']:>8.4f}{r['segmenter_fd']:>8.4f}{r['diversity']:>10.4f}  {'yes' if r['usable'] else 'no'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
@@ -171,6 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     real = np.stack([m["image"] for m in maps])
     seg_uri = args.segmenter or builtin_segmenter(args.data, args.segmenter_steps, args.cache_dir, log)
     scorer = Scorer(real, maps, args.k, seg_uri, card.num_classes)
+    if args.students:
+        log(f"model {args.model}, {len(maps)} label maps x {args.k} samples, precision {args.precision}; real images: texture "
+            f"{scorer.spectrum(real)[:, -1].mean():.2f}, segmenter mIoU {scorer.real_miou:.4f}")
+        status = compare_students(args, pipe, maps, scorer, card.palette)
+        print(f"done in {time.perf_counter() - start:.0f}s")
+        return status
     log(f"model {args.model}, {len(maps)} label maps x {args.k} samples, guidance {guidance:g}, precision {args.precision}; "
         f"real images: texture {scorer.spectrum(real)[:, -1].mean():.2f}, segmenter mIoU {scorer.real_miou:.4f}")
 

@@ -185,21 +185,32 @@ def _checkpoints(run: str) -> list[str]:
     return sorted(n for n in os.listdir(run) if n.startswith("checkpoint_") and os.path.isdir(os.path.join(run, n)))
 
 
-def test_a_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(cluster, toy_data, tmp_path):
+def test_a_killed_worker_is_replaced_and_a_distillation_resumes_from_its_checkpoint_with_its_rounds_teacher(
+        cluster, toy_data, tmp_path):
+    """Progressive distillation in two rounds (8 -> 4 -> 2 steps) of 20 steps, a training worker SIGKILLed in the
+    second: the group restarts from the last checkpoint, whose teacher is the one the second round began with (the
+    EMA student at step 20), and the run ends with a 2-step student."""
     from ray.util.state import list_actors
 
+    from sdm.checkpoint import EMA_FILE, TEACHER_FILE, load_weights
+    from sdm.testing import save_random_model, save_random_student
+
+    save_random_model(str(tmp_path / "teacher"))
+    save_random_student(str(tmp_path / "guidance"), str(tmp_path / "teacher"), target_steps=None)
     run = str(tmp_path / "run")
     proc = subprocess.Popen(
-        _job(cluster, "--data", toy_data, "--run", run, "--steps", "40", "--checkpoint-every", "10", "--log-every", "10",
-             "--eval-every", "40", "--eval-maps", "1"),
+        [sys.executable, "-m", "jobs.train", "--stage", "distill-steps", "--teacher", str(tmp_path / "guidance"), "--from-steps", "8",
+         "--target-steps", "2", "--address", cluster.address, "--num-workers", "2", "--batch-size", "8", "--shuffle-buffer", "32",
+         "--data", toy_data, "--run", run, "--steps", "40", "--checkpoint-every", "10", "--log-every", "10", "--eval-every", "40",
+         "--eval-maps", "1"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
     try:
-        # step 20's line comes after checkpoint 10 was reported: there is a whole checkpoint to resume from
-        _wait_for(lambda: any("step 20/40 loss" in line for line in lines), 300, "step 20")
+        # step 30's line comes after checkpoint 20 was reported, and within the second round
+        _wait_for(lambda: any("step 30/40 loss" in line for line in lines), 300, "step 30")
         with ray_session(address=cluster.address):
             workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "TrainWorker" in a.class_name]
         assert workers, "no training worker found"
@@ -210,11 +221,20 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(clu
         proc.kill()
     output = "".join(lines)
     assert proc.returncode == 0, output[-3000:]
-    assert re.search(r"resumed from .*checkpoint_000000[1-4]0 at step [1-4]0", output)
+    assert "round 2/2 from step 21: 4 -> 2 steps" in output
+    assert re.search(r"resumed from .*checkpoint_000000[2-4]0 at step [2-4]0", output)
     assert re.search(r"done in \d+s: step 40,", output)  # the driver's summary; workers' last lines may not be forwarded
-    for name in _checkpoints(run):  # every checkpoint left on the store is whole and loadable
+    names = _checkpoints(run)
+    for name in names:  # every checkpoint left on the store is whole and loadable
         assert load_progress(os.path.join(run, name)).step == int(name.split("_")[1])
-    assert load_model(run)[1].name == "tiny"
+    ema = load_weights(os.path.join(run, "checkpoint_00000020"), EMA_FILE)  # the AveragedModel's: its module's, and a count
+    round_start = {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
+    for name in ("checkpoint_00000030", "checkpoint_00000040"):
+        assert load_progress(os.path.join(run, name)).teacher_round == 1
+        teacher = load_weights(os.path.join(run, name), TEACHER_FILE)
+        assert teacher.keys() == round_start.keys() and all(torch.equal(teacher[k], round_start[k]) for k in teacher)
+    student = load_model(run)[1].student
+    assert (student.method, student.timesteps, student.from_steps) == ("progressive", (428, 999), 8)
 
 
 def test_rerunning_the_same_command_continues_from_the_last_step(cluster, toy_data, tmp_path):
