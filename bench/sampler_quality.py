@@ -180,16 +180,18 @@ def _usable(r: dict, ref: dict, args: argparse.Namespace) -> bool:
     return abs(r["texture_ratio"] - 1) <= args.texture_tolerance and r["miou"] >= ref["miou"] - args.miou_tolerance
 
 
-def _student_settings(pipe: SDMPipeline, teacher: SDMPipeline) -> list[tuple[str, dict]]:
+def _student_settings(pipe: SDMPipeline, teacher: SDMPipeline, few: list[int]) -> list[tuple[str, dict]]:
     """(label, sampling parameters) of a student's rows: a step student's own steps with DDIM eta 0 (as distilled)
-    and eta 1; a guidance student's at its teacher's default sampler and at 10 steps."""
+    and eta 1; a guidance student's at its teacher's default sampler, at 10 steps and at the step students' `few`
+    steps (DDIM eta 0 and 1: what those steps draw without step distillation)."""
     s = pipe.config.student
     if s.timesteps:
         n = len(s.timesteps)
         return [(f"ddim eta 0 {n}", {"eta": 0.0}), (f"ddim eta 1 {n}", {"eta": 1.0})]
     d = teacher.config.sampling
-    return [(f"{d.sampler} eta {d.eta:g} {n}", {"sampler": d.sampler, "eta": d.eta, "num_inference_steps": n})
+    rows = [(f"{d.sampler} eta {d.eta:g} {n}", {"sampler": d.sampler, "eta": d.eta, "num_inference_steps": n})
             for n in (d.num_inference_steps, 10)]
+    return rows + [(f"ddim eta {eta:g} {n}", {"sampler": "ddim", "eta": eta, "num_inference_steps": n}) for n in few for eta in (0.0, 1.0)]
 
 
 def compare_students(args: argparse.Namespace, teacher: SDMPipeline, maps: list[dict], scorer: Scorer, palette) -> int:
@@ -197,6 +199,7 @@ def compare_students(args: argparse.Namespace, teacher: SDMPipeline, maps: list[
     students = {uri: SDMPipeline.from_pretrained(uri, precision=args.precision, micro_batch=args.maps * args.k)
                 for uri in args.students.split(",")}
     default = teacher.config.sampling
+    few = sorted({len(p.config.student.timesteps) for p in students.values() if p.config.student.timesteps})
     all_rows = []
     for g in (float(v) for v in args.guidances.split(",")):
         ref_images, ref_seconds = _draw(teacher, maps, args.k, args.seed, guidance_scale=g, sampler=REFERENCE[0],
@@ -212,7 +215,7 @@ def compare_students(args: argparse.Namespace, teacher: SDMPipeline, maps: list[
             lo, hi = pipe.config.student.guidance_range
             if not lo <= g <= hi:
                 continue
-            for name, params in _student_settings(pipe, teacher):
+            for name, params in _student_settings(pipe, teacher, few):
                 images, seconds = _draw(pipe, maps, args.k, args.seed, guidance_scale=g, **params)
                 steps = params.get("num_inference_steps", pipe.config.sampling.num_inference_steps)
                 rows.append({"setting": f"{uri.rstrip('/').split('/')[-1]} {name}", "rows_per_image": steps, "seconds": seconds,
