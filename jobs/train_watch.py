@@ -29,8 +29,8 @@ class Watch:
                   "num_workers": spec.num_workers, "batch_size": spec.batch_size, "grad_accum": spec.grad_accum}
         self.logger = RunLogger(spec.run, resume_step, params, run_name=spec.run.rstrip("/").split("/")[-1])
         segmenter = load_segmenter(spec.segmenter) if spec.segmenter else None
-        # Pretraining never sees the null label, so its samples are drawn unguided; fine-tuning's with the model's scale.
-        guidance = None if spec.stage == "finetune" else 1.0
+        # Pretraining never sees the null label, so its samples are drawn unguided; the other stages' with the model's scale.
+        guidance = 1.0 if spec.stage == "pretrain" else None
         self.validator = Validator(spec.data, cfg, spec.eval_maps, spec.seed, guidance, segmenter)
         self.start, self.validation_seconds, self.draws = time.perf_counter(), 0.0, 0
         self.next_line = resume_step + 1
@@ -49,8 +49,9 @@ class Watch:
     def wants_validation(self, step: int) -> bool:
         return step % self.spec.validation_interval == 0 or step == self.spec.steps
 
-    def validate(self, step: int, ema_net: torch.nn.Module) -> Validation:
-        v = self.validator.draw(ema_net, step, self.device)
+    def validate(self, step: int, ema_net: torch.nn.Module, config: SDMConfig | None = None) -> Validation:
+        """Draw and score the validation maps; `config` samples as that config does (a distillation round's)."""
+        v = self.validator.draw(ema_net, step, self.device, config)
         storage.write_bytes(sample_sheet_uri(self.spec.run, step), v.sheet_png)
         self.logger.image("val/samples", step, v.sheet)
         self.logger.scalars(step, {f"val/{k}": x for k, x in v.figures.items()})

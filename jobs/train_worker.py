@@ -39,7 +39,7 @@ from sdm.errors import CheckpointError, StorageError
 from sdm.labels import LabelEncoder
 from sdm.seeds import derive_seed
 
-from sdm.distill import GuidanceDistillation, ProgressiveDistillation, halving_grids, init_student
+from sdm.distill import GuidanceDistillation, ProgressiveDistillation, halving_grids, init_student, round_config
 from sdm.training import Loss, StepResult, make_ema, make_optimizer, to_memory_format, train_step, weights_layout
 from sdm.unet import SDMUNet
 
@@ -121,6 +121,13 @@ def _objective(stage: str, teacher: torch.nn.Module | None, diffusion: GaussianD
 def _round_teacher(objective: Loss | None) -> torch.nn.Module | None:
     """What a checkpoint must keep of a distillation: the current round's teacher, where rounds change it."""
     return objective.teacher if isinstance(objective, ProgressiveDistillation) and objective.round > 0 else None
+
+
+def _round_sampling(objective: Loss | None, cfg: SDMConfig) -> SDMConfig | None:
+    """How the validation draws sample during a progressive round: on the grid its student is learning."""
+    if not isinstance(objective, ProgressiveDistillation):
+        return None
+    return round_config(cfg, objective.grids[objective.round + 1])
 
 
 def _next_round(objective: ProgressiveDistillation, progress: Progress, ema_net: torch.nn.Module, total: int, rank: int) -> None:
@@ -282,7 +289,7 @@ def train_worker(c: dict[str, Any]) -> None:
             window_images += r.images * world
             last = progress.step == total
             if watch is not None and watch.wants_validation(progress.step):
-                watch.validate(progress.step, ema.module)
+                watch.validate(progress.step, ema.module, _round_sampling(objective, cfg))
             if progress.step % a.log_every == 0 or last:
                 window = time.perf_counter() - window_start
                 ips, waiting = window_images / window, clock.take() / window

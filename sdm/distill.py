@@ -53,6 +53,13 @@ def student_config(teacher: SDMConfig, method: str, teacher_id: str, teacher_uri
                                student=student).validate()
 
 
+def round_config(config: SDMConfig, grid: Sequence[int]) -> SDMConfig:
+    """A step student's config as it samples during a progressive round: on that round's grid."""
+    student = dataclasses.replace(config.student, timesteps=tuple(int(t) for t in grid))
+    return dataclasses.replace(config, student=student,
+                               sampling=dataclasses.replace(config.sampling, num_inference_steps=len(grid))).validate()
+
+
 def init_student(teacher: nn.Module, config: SDMConfig) -> SDMUNet:
     """A student network holding its teacher's weights; a new guidance embedding starts at zero, so the student
     starts as the teacher's conditional branch at every scale."""

@@ -61,10 +61,11 @@ class Validator:
         self._spectrum = SpectrumFeatures()
         self._real_features = self._spectrum(self.real).mean(0)
 
-    def draw(self, net: torch.nn.Module, step: int, device: torch.device | str = "cpu") -> Validation:
-        """Sample every map with `net` (an EMA network, left as it is) and score the samples."""
+    def draw(self, net: torch.nn.Module, step: int, device: torch.device | str = "cpu", config: SDMConfig | None = None) -> Validation:
+        """Sample every map with `net` (an EMA network, left as it is) and score the samples; `config` replaces the
+        model's config for this draw (a distillation round samples on its own grid)."""
         start = time.perf_counter()
-        pipe = SDMPipeline(net, self.config, device=device, fast=False, micro_batch=len(self.labels))
+        pipe = SDMPipeline(net, config or self.config, device=device, fast_path=False, micro_batch=len(self.labels))
         images = pipe(self.labels, instances=self.instances, guidance_scale=self.guidance_scale, seed=self.seed)
         fidelity = spectral_fidelity(self._real_features, self._spectrum(images).mean(0))
         figures = {"texture_ratio": fidelity.texture_ratio, "spectrum_db": fidelity.spectrum_db,

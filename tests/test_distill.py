@@ -10,7 +10,8 @@ import torch
 from sdm.checkpoint import load_model, model_id, save_model
 from sdm.config import SDMConfig
 from sdm.diffusion import GaussianDiffusion
-from sdm.distill import GuidanceDistillation, ProgressiveDistillation, ddim_step, halving_grids, init_student, student_config
+from sdm.distill import (GuidanceDistillation, ProgressiveDistillation, ddim_step, halving_grids, init_student, round_config,
+                         student_config)
 from sdm.errors import InvalidInputError
 from sdm.labels import label_input
 from sdm.pipeline import SDMPipeline
@@ -155,6 +156,15 @@ def test_a_request_a_student_cannot_serve_is_refused_naming_the_field(tiny_cfg, 
     with pytest.raises(InvalidInputError, match=field):
         cfg.resolve_sampling(**overrides)
     assert cfg.resolve_sampling(guidance_scale=3.0, eta=1.0).eta == 1.0  # within its range, with noise: served
+
+
+def test_a_round_of_progressive_distillation_samples_on_its_own_grid(tiny_cfg):
+    cfg = _step_student_cfg(tiny_cfg, from_steps=16)
+    grid = halving_grids(1000, 16, 4)[1]
+    during = round_config(cfg, grid)
+    assert during.student.timesteps == tuple(grid) and during.resolve_sampling().num_inference_steps == 8
+    with pytest.raises(InvalidInputError, match="num_inference_steps must be 8"):
+        during.resolve_sampling(num_inference_steps=4)
 
 
 def test_a_guidance_student_samples_any_steps_and_sampler_within_its_scales(tiny_cfg):
