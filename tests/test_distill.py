@@ -2,6 +2,7 @@
 steps, the student's starting point, its config's refusals, and the runner sampling it in one pass per step."""
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -214,3 +215,26 @@ def test_init_refuses_a_teacher_of_another_shape(random_tiny_net, tiny_cfg):
     cfg = student_config(other, "guidance", "x", "/x")
     with pytest.raises(RuntimeError):
         init_student(random_tiny_net, cfg)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--stage", "distill-steps"], "--stage distill-steps needs --teacher: the model to distil"),
+    (["--stage", "pretrain", "--teacher", "{teacher}"], r"--stage pretrain needs --preset or --config \(--teacher is for distillation\)"),
+    (["--stage", "distill-steps", "--teacher", "{teacher}", "--from-steps", "12"],
+     r"--from-steps, --target-steps: from_steps \(12\) must be target_steps \(4\) times 2, 4, 8"),
+    (["--stage", "distill-guidance", "--teacher", "{teacher}", "--guidance-range", "3", "1"],
+     "--guidance-range must satisfy 0 <= LOW <= HIGH <= 100, got 3 1"),
+    (["--stage", "distill-guidance", "--teacher", "{missing}"], "no model at"),
+])
+def test_the_job_refuses_a_distillation_it_cannot_run_before_any_worker_starts(tmp_path, capsys, argv, message):
+    from jobs.train import main
+    from sdm.data.toy import write_toy_dataset
+    from sdm.errors import EXIT_REFUSED
+    from sdm.testing import save_random_model
+
+    save_random_model(str(tmp_path / "teacher"))
+    write_toy_dataset(str(tmp_path / "data"), n=8, size=32, seed=0)
+    argv = [a.format(teacher=tmp_path / "teacher", missing=tmp_path / "nothing") for a in argv]
+    assert main([*argv, "--data", str(tmp_path / "data"), "--run", str(tmp_path / "run"), "--steps", "10"]) == EXIT_REFUSED
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
