@@ -47,6 +47,7 @@ class TrainSpec:
     guidance_range: tuple[float, float] = DEFAULT_GUIDANCE_RANGE  # distillation: the guidance scales trained over
     target_steps: int = 4  # distill-steps: the student's sampling steps
     from_steps: int | None = None  # distill-steps: the teacher's steps the first round halves; default 8 x target
+    teacher_eta: float = 0.0  # distill-steps: the DDIM eta of the teacher's steps the student learns
     batch_size: int | None = None  # per worker; default: the config's
     grad_accum: int = 1
     lr: float | None = None

@@ -40,7 +40,7 @@ from sdm.validation import MAX_VALIDATION_MAPS
 
 
 STAGES = ["pretrain", "finetune", "distill-guidance", "distill-steps"]
-DISTILL_FIELDS = {"teacher", "guidance_range", "target_steps", "from_steps"}
+DISTILL_FIELDS = {"teacher", "guidance_range", "target_steps", "from_steps", "teacher_eta"}
 
 
 def parse_args(argv: list[str] | None = None) -> TrainSpec:
@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> TrainSpec:
     p.add_argument("--target-steps", type=int, default=4, help="distill-steps: the student's sampling steps")
     p.add_argument("--from-steps", type=int, help="distill-steps: the teacher's steps that the first round halves "
                    "(target x 2^rounds; default 8 x --target-steps: three rounds)")
+    p.add_argument("--teacher-eta", type=float, default=0.0,
+                   help="distill-steps: the DDIM eta of the teacher's steps the student learns, and its sampling default "
+                        "(0: deterministic, as Salimans and Ho; 1: ancestral, the student learning their mean)")
     p.add_argument("--steps", type=int, required=True, help="optimizer steps in total for this run")
     p.add_argument("--batch-size", type=int, help="per-worker micro-batch (default: the config's)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -114,12 +117,15 @@ def _student_config(args: TrainSpec) -> SDMConfig:
             timesteps = tuple(halving_grids(teacher.diffusion.num_timesteps, args.halving_from, args.target_steps)[-1])
         except ValueError as e:
             raise SDMError(f"--from-steps, --target-steps: {e}") from None
+    if not 0 <= args.teacher_eta <= 1:
+        raise SDMError(f"--teacher-eta must lie in [0, 1], got {args.teacher_eta:g}")
     lo, hi = args.guidance_range
     if not 0 <= lo <= hi <= MAX_GUIDANCE:
         raise SDMError(f"--guidance-range must satisfy 0 <= LOW <= HIGH <= {MAX_GUIDANCE:g}, got {lo:g} {hi:g}")
     return student_config(teacher, "guidance" if args.stage == "distill-guidance" else "progressive", model_id(args.teacher),
                           args.teacher, guidance_range=(lo, hi), timesteps=timesteps,
-                          from_steps=args.halving_from if timesteps else 0, optimizer_steps=args.steps,
+                          from_steps=args.halving_from if timesteps else 0, eta=args.teacher_eta if timesteps else 0.0,
+                          optimizer_steps=args.steps,
                           lr=args.lr or teacher.train.finetune_lr)
 
 

@@ -114,7 +114,7 @@ def _objective(stage: str, teacher: torch.nn.Module | None, diffusion: GaussianD
         return GuidanceDistillation(teacher, diffusion, s.guidance_range)
     if stage == "distill-steps":
         grids = halving_grids(cfg.diffusion.num_timesteps, s.from_steps, len(s.timesteps))
-        return ProgressiveDistillation(teacher, diffusion, grids, s.guidance_range)
+        return ProgressiveDistillation(teacher, diffusion, grids, s.guidance_range, s.eta)
     return None
 
 

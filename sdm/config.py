@@ -202,6 +202,7 @@ class StudentConfig:
     guidance_range: tuple[float, float] = (0.0, MAX_GUIDANCE)  # the scales the student was trained over
     timesteps: tuple[int, ...] = ()  # a step student's sampling timesteps; () samples any
     from_steps: int = 0  # progressive: the teacher's steps its first round halved
+    eta: float = 0.0  # progressive: the DDIM eta of the teacher's steps it learned (0: deterministic), its default
     optimizer_steps: int = 0  # of this distillation
     lr: float = 0.0
 
@@ -213,6 +214,8 @@ class StudentConfig:
         lo, hi = self.guidance_range
         if not 0 <= lo <= hi <= MAX_GUIDANCE:
             raise ConfigError(f"student.guidance_range must satisfy 0 <= low <= high <= {MAX_GUIDANCE:g}, got {self.guidance_range}")
+        if not 0 <= self.eta <= 1:
+            raise ConfigError(f"student.eta must lie in [0, 1], got {self.eta}")
         ts = list(self.timesteps)
         if ts and (ts != sorted(set(ts)) or ts[0] < 0 or ts[-1] >= num_timesteps):
             raise ConfigError(f"student.timesteps must ascend without repeats within [0, {num_timesteps}), got {ts}")

@@ -35,9 +35,10 @@ DEFAULT_GUIDANCE_RANGE = (1.0, 3.0)
 
 def student_config(teacher: SDMConfig, method: str, teacher_id: str, teacher_uri: str, *,
                    guidance_range: tuple[float, float] = DEFAULT_GUIDANCE_RANGE, timesteps: Sequence[int] = (),
-                   from_steps: int = 0, optimizer_steps: int = 0, lr: float = 0.0) -> SDMConfig:
+                   from_steps: int = 0, eta: float = 0.0, optimizer_steps: int = 0, lr: float = 0.0) -> SDMConfig:
     """The config of a student of `teacher`: its network with the guidance input, its teacher's id and the
-    distillation settings, and sampling defaults it can serve (a step student: DDIM eta 0 on its own timesteps)."""
+    distillation settings, and sampling defaults it can serve (a step student: DDIM on its own timesteps, with the
+    eta it was distilled for)."""
     lo, hi = guidance_range
     timesteps = tuple(int(t) for t in timesteps)
     if teacher.model.guidance_input and teacher.student.is_student:  # a student never widens its teacher's range
@@ -45,9 +46,9 @@ def student_config(teacher: SDMConfig, method: str, teacher_id: str, teacher_uri
     default = min(max(teacher.sampling.guidance_scale, lo), hi)
     sampling = dataclasses.replace(teacher.sampling, guidance_scale=default)
     if timesteps:
-        sampling = SamplingParams(guidance_scale=default, sampler="ddim", num_inference_steps=len(timesteps), eta=0.0)
+        sampling = SamplingParams(guidance_scale=default, sampler="ddim", num_inference_steps=len(timesteps), eta=eta)
     student = StudentConfig(method=method, teacher=teacher_id, teacher_uri=teacher_uri, guidance_range=(lo, hi),
-                            timesteps=timesteps, from_steps=from_steps,
+                            timesteps=timesteps, from_steps=from_steps, eta=eta,
                             optimizer_steps=optimizer_steps, lr=lr)
     return dataclasses.replace(teacher, model=dataclasses.replace(teacher.model, guidance_input=True), sampling=sampling,
                                student=student).validate()
@@ -75,11 +76,15 @@ def _rows(arr: np.ndarray, idx: torch.Tensor, like: torch.Tensor) -> torch.Tenso
     return torch.from_numpy(np.asarray(arr, np.float64)).to(idx.device)[idx].to(torch.float32).to(like.device).view(-1, 1, 1, 1)
 
 
-def ddim_step(d: GaussianDiffusion, i: torch.Tensor, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    """The deterministic DDIM update (eta 0) from step index i of `d` to i - 1 (the clean image from i = 0), per row."""
+def ddim_step(d: GaussianDiffusion, i: torch.Tensor, x: torch.Tensor, x0: torch.Tensor, eta: float = 0.0,
+              noise: torch.Tensor | None = None) -> torch.Tensor:
+    """The DDIM update from step index i of `d` to i - 1 (the clean image from i = 0), per row, as sdm.samplers.DDIM
+    takes it: with `eta` > 0 its mean, plus sigma * noise where noise is given."""
     a, a_prev = _rows(d.alphas_cumprod, i, x), _rows(d.alphas_cumprod_prev, i, x)
     eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
-    return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    sigma = eta * ((1 - a_prev) / (1 - a)).sqrt() * (1 - a / a_prev).sqrt()
+    out = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
+    return out if noise is None else out + sigma * noise
 
 
 def halving_grids(num_timesteps: int, from_steps: int, target_steps: int) -> list[np.ndarray]:
@@ -128,12 +133,17 @@ class GuidanceDistillation:
 
 
 class ProgressiveDistillation:
-    """The loss of a step student against its teacher's two DDIM steps, round by round (`set_round`); the teacher
-    of round r > 0 is the student of round r - 1 (the caller hands it over with `set_teacher`)."""
+    """The loss of a step student against its teacher's two DDIM steps, round by round; the teacher of round r > 0
+    is the student of round r - 1 (the caller hands it over with `set_teacher`).
+
+    With `eta` > 0 the teacher's steps are stochastic DDIM steps (eta 1: ancestral, with the posterior variance) and
+    the student learns the mean of where they land, for sampling with the same eta: the posterior of the one big step
+    is the composition of the two small ones, so its mean and fresh noise stand in for them. With eta 0 it is
+    Salimans and Ho's deterministic distillation."""
 
     def __init__(self, teacher: nn.Module, diffusion: GaussianDiffusion, grids: list[np.ndarray],
-                 guidance_range: tuple[float, float]):
-        self.diffusion, self.grids, self.guidance_range = diffusion, grids, guidance_range
+                 guidance_range: tuple[float, float], eta: float = 0.0):
+        self.diffusion, self.grids, self.guidance_range, self.eta = diffusion, grids, guidance_range, eta
         self.teacher, self.round = teacher.eval(), 0
 
     @property
@@ -151,15 +161,16 @@ class ProgressiveDistillation:
 
     @torch.no_grad()
     def target(self, x: torch.Tensor, i: torch.Tensor, label: torch.Tensor, w: torch.Tensor,
-               autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Where the teacher's two DDIM steps (x_0 clipped, as sampling does) from x at student step i land: the
-        student's one step must land there."""
+               autocast_dtype: torch.dtype | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Where the teacher's two DDIM steps (x_0 clipped, as sampling does; stochastic ones with noise from
+        `generator` when eta > 0) from x at student step i land: the student's one step must land there."""
         dt, _ = self.processes()
         for j in (2 * i + 1, 2 * i):
             with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                 out = guided_output(self.teacher, x, dt.model_timesteps(j), label, w)
             x0 = dt.predict_x0(x, j, dt.split_output(out.float()).eps).clamp(-1, 1)
-            x = ddim_step(dt, j, x, x0)
+            noise = torch.randn(x.shape, generator=generator).to(x.device) if self.eta > 0 else None
+            x = ddim_step(dt, j, x, x0, self.eta, noise)
         return x
 
     def __call__(self, net: nn.Module, x0: torch.Tensor, label: torch.Tensor, generator: torch.Generator | None,
@@ -170,10 +181,10 @@ class ProgressiveDistillation:
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
         w = _uniform(*self.guidance_range, b, generator).to(x0.device)
         xt = ds.q_sample(x0, i, noise)
-        target = self.target(xt, i, label, w, autocast_dtype)
+        target = self.target(xt, i, label, w, autocast_dtype, generator)
         with torch.autocast(x0.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             out = net(xt, ds.model_timesteps(i), label, guidance=w)
-        landed = ddim_step(ds, i, xt, ds.predict_x0(xt, i, ds.split_output(out.float()).eps))
+        landed = ddim_step(ds, i, xt, ds.predict_x0(xt, i, ds.split_output(out.float()).eps), self.eta)
         mse = _mean_flat((landed - target) ** 2)
         noise_var = _rows(1 - ds.alphas_cumprod_prev, i, xt).view(-1)
         t = torch.from_numpy(ds.timesteps).to(i.device)[i]

@@ -134,6 +134,31 @@ def test_the_progressive_target_is_two_of_the_samplers_own_ddim_steps_landed_in_
     torch.testing.assert_close(ddim_step(ds, i, x, x0_star), target, rtol=1e-4, atol=1e-5)
 
 
+def test_the_stochastic_progressive_target_is_two_ancestral_ddim_steps_with_the_same_noise(random_tiny_net, tiny_cfg):
+    """With eta 1 the teacher's two steps are the sampler's DDIM eta 1 steps, each adding its own fresh noise; and
+    the mean of the student's one step is the DDIM formula without its noise."""
+    teacher, _ = _guidance_student(random_tiny_net, tiny_cfg)
+    d = _diffusion(tiny_cfg)
+    objective = ProgressiveDistillation(teacher, d, halving_grids(1000, 8, 4), (1.0, 3.0), eta=1.0)
+    x, y = _inputs(tiny_cfg)
+    i, w = torch.tensor([0, 1, 2, 3]), torch.full((4,), 1.5)
+    target = objective.target(x, i, y, w, generator=torch.Generator().manual_seed(5))
+    replay = torch.Generator().manual_seed(5)
+    draws = [torch.randn(x.shape, generator=replay) for _ in range(2)]  # the target's two steps' noise, in its order
+    dt = d.respaced(halving_grids(1000, 8, 4)[0])
+    for row in range(4):
+        xr = x[row : row + 1]
+        denoise = make_denoiser(teacher, dt, y[row : row + 1], 1.5)
+        for k, j in enumerate((2 * row + 1, 2 * row)):
+            tj = torch.tensor([j])
+            x0 = dt.predict_x0(xr, tj, denoise(xr, tj).eps).clamp(-1, 1)
+            xr = DDIM(1.0).step(dt, j, xr, x0, None, lambda: draws[k][row : row + 1])
+        torch.testing.assert_close(target[row : row + 1], xr, rtol=1e-4, atol=1e-5)
+    x0 = torch.rand(x.shape) * 2 - 1
+    no_noise = DDIM(1.0).step(dt, 3, x[:1], x0[:1], None, lambda: torch.zeros(1, 3, 32, 32))
+    torch.testing.assert_close(ddim_step(dt, torch.tensor([3]), x[:1], x0[:1], 1.0), no_noise, rtol=1e-5, atol=1e-6)
+
+
 def test_a_students_config_says_what_it_is_and_round_trips(tiny_cfg):
     cfg = _step_student_cfg(tiny_cfg, from_steps=32)
     back = SDMConfig.from_json(cfg.to_json())
