@@ -24,7 +24,7 @@ LINE_SHARE = 0.05  # a console line per this share of the run's steps
 class Watch:
     def __init__(self, spec: TrainSpec, cfg: SDMConfig, resume_step: int, device: torch.device):
         self.spec, self.device = spec, device
-        params = {"preset": spec.preset or spec.config, "stage": spec.stage, "steps": spec.steps, "data": spec.data,
+        params = {"preset": spec.preset or spec.config, "teacher": spec.teacher, "stage": spec.stage, "steps": spec.steps, "data": spec.data,
                   "overrides": " ".join(spec.overrides), "lr": spec.lr, "drop_rate": spec.drop_rate, "seed": spec.seed,
                   "num_workers": spec.num_workers, "batch_size": spec.batch_size, "grad_accum": spec.grad_accum}
         self.logger = RunLogger(spec.run, resume_step, params, run_name=spec.run.rstrip("/").split("/")[-1])
