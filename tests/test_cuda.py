@@ -1,5 +1,6 @@
 """The CUDA paths: bf16 autocast inference and training, the inference fast path with the label cache, torch.compile
-with CUDA graphs and its warm-up, the feature cache, fused AdamW, channels_last training, determinism across
+with CUDA graphs and its warm-up, the feature cache, fused AdamW, channels_last training, the distillation losses
+and a step student, determinism across
 batches, CPU agreement.
 
 Skipped where no GPU is present (CI); run on a GPU machine with `pytest tests/test_cuda.py` (`make gpu-check` runs
@@ -187,3 +188,29 @@ def test_channels_last_training_on_cuda_follows_the_contiguous_run_and_keeps_its
     assert weights_layout(net_a) == "contiguous" and weights_layout(net_b) == "channels_last"
     bf16, net_c = train_losses(tiny_cfg, batches, True, 8, "cuda", torch.bfloat16)
     assert weights_layout(net_c) == "channels_last" and bf16[-1] < 0.8 * bf16[0]
+
+
+def test_distillation_losses_and_a_step_student_on_cuda_in_bf16_follow_the_cpu(random_tiny_net, tiny_cfg):
+    """Both distillation losses train on CUDA under bf16 autocast with finite gradients and the CPU's fp32 loss within
+    bf16 rounding; a step student samples on CUDA in one row per image, each image independent of its batch."""
+    from sdm.distill import GuidanceDistillation, ProgressiveDistillation, halving_grids, init_student, student_config
+
+    grids = halving_grids(1000, 8, 4)
+    cfg = student_config(tiny_cfg, "progressive", "tiny-teacher", "/teacher", timesteps=grids[-1], from_steps=8)
+    diffusion = GaussianDiffusion.from_config(cfg.diffusion, True)
+    x0, label = blocky_batches(cfg.model, batch=8, count=1, seed=0)[0]
+    for make in (lambda t: GuidanceDistillation(t, diffusion, (1.0, 3.0)),
+                 lambda t: ProgressiveDistillation(t, diffusion, grids, (1.0, 3.0))):
+        losses = {}
+        for device, dtype in (("cpu", None), ("cuda", torch.bfloat16)):
+            teacher = random_tiny_net.to(device)
+            student = init_student(teacher, cfg).to(device).train()
+            terms = make(teacher)(student, x0.to(device), label.to(device), torch.Generator().manual_seed(0), dtype)
+            terms["loss"].mean().backward()
+            assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
+            losses[device] = terms["loss"].mean().item()
+        assert losses["cuda"] == pytest.approx(losses["cpu"], rel=0.1)
+    student = SDMPipeline(init_student(random_tiny_net.cpu(), cfg).eval(), cfg, device="cuda")
+    together = student(_labels(3), guidance_scale=2.0, seed=5)
+    alone = student(_labels(3)[1:2], guidance_scale=2.0, seed=[derive_seed(5, 1)])
+    assert np.array_equal(together[1], alone[0])
