@@ -1,7 +1,6 @@
 """The CUDA paths: bf16 autocast inference and training, the inference fast path with the label cache, torch.compile
 with CUDA graphs and its warm-up, the feature cache, fused AdamW, channels_last training, the distillation losses
-and a step student, determinism across
-batches, CPU agreement.
+and a step student, determinism across batches, CPU agreement.
 
 Skipped where no GPU is present (CI); run on a GPU machine with `pytest tests/test_cuda.py` (`make gpu-check` runs
 it with the GPU figures).
