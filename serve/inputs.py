@@ -65,7 +65,7 @@ class ModelInfo:
             instance_edges=m.instance_edges,
             labels=LabelEncoder(config),
             defaults=config.sampling,
-            max_steps=min(limits.max_steps, config.diffusion.num_timesteps),
+            max_steps=min(limits.max_steps, len(config.student.timesteps) or config.diffusion.num_timesteps),
             student=config.student,
         )
 

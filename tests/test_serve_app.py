@@ -444,8 +444,9 @@ def test_every_door_draws_the_same_bytes(cluster, url, model_dir, tmp_path, case
                                 headers={"Accept": "application/json"}, timeout=60)
         assert (refused.status_code, refused.json()["error"]["code"]) == (400, "invalid_parameter")
         assert "sampler must be 'ddim' for this student" in refused.json()["error"]["message"]
-        described = requests.get(f"{base}/v1/model", timeout=30).json()["student"]
-        assert described["num_inference_steps"] == STEPS and described["guidance_range"] == [1.0, 3.0]
+        described = requests.get(f"{base}/v1/model", timeout=30).json()
+        assert described["student"]["num_inference_steps"] == STEPS and described["student"]["guidance_range"] == [1.0, 3.0]
+        assert described["limits"]["max_steps"] == STEPS
         assert generate_job(["--model", model, "--labels", str(labels), "--out", str(tmp_path / "refused"),
                              "--guidance-scale", "3.5"]) == EXIT_REFUSED
     if case != "teacher-auto":
