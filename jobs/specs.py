@@ -45,9 +45,9 @@ class TrainSpec:
     init_from: str | None = None
     teacher: str | None = None  # distillation: the teacher model (run, exported model, converted checkpoint)
     guidance_range: tuple[float, float] = DEFAULT_GUIDANCE_RANGE  # distillation: the guidance scales trained over
-    target_steps: int = 4  # distill-steps: the student's sampling steps
-    from_steps: int | None = None  # distill-steps: the teacher's steps the first round halves; default 8 x target
-    teacher_eta: float = 0.0  # distill-steps: the DDIM eta of the teacher's steps the student learns
+    target_steps: int = 8  # distill-steps: the student's sampling steps
+    from_steps: int = 32  # distill-steps: the teacher's steps the first round halves
+    teacher_eta: float = 1.0  # distill-steps: the DDIM eta of the teacher's steps the student learns
     batch_size: int | None = None  # per worker; default: the config's
     grad_accum: int = 1
     lr: float | None = None
@@ -82,11 +82,6 @@ class TrainSpec:
     @property
     def distilling(self) -> bool:
         return self.stage.startswith("distill-")
-
-    @property
-    def halving_from(self) -> int:
-        """distill-steps: the teacher's steps that progressive distillation halves, round by round."""
-        return self.from_steps if self.from_steps is not None else 8 * self.target_steps
 
     @property
     def validation_interval(self) -> int:

@@ -3,7 +3,7 @@
     python -m jobs.train --preset tiny --data DATA_URI --run RUN_URI --steps 300 --num-workers 2
     python -m jobs.train --preset tiny --data DATA_URI --run FT_RUN_URI --stage finetune --init-from RUN_URI
     python -m jobs.train --stage distill-guidance --teacher FT_RUN_URI --data DATA_URI --run DG_RUN_URI --steps 300
-    python -m jobs.train --stage distill-steps --teacher DG_RUN_URI --target-steps 4 --data DATA_URI --run DS_RUN_URI --steps 600
+    python -m jobs.train --stage distill-steps --teacher DG_RUN_URI --target-steps 8 --data DATA_URI --run DS_RUN_URI --steps 400
 
 Rerunning the same command on an existing run resumes it from its latest checkpoint (--fresh starts over).
 """
@@ -59,12 +59,14 @@ def parse_args(argv: list[str] | None = None) -> TrainSpec:
     p.add_argument("--init-from", help="finetune: the pretrained run (or exported model) to start from")
     p.add_argument("--guidance-range", type=float, nargs=2, default=DEFAULT_GUIDANCE_RANGE, metavar=("LOW", "HIGH"),
                    help="distillation: the guidance scales the student learns (default: %(default)s)")
-    p.add_argument("--target-steps", type=int, default=4, help="distill-steps: the student's sampling steps")
-    p.add_argument("--from-steps", type=int, help="distill-steps: the teacher's steps that the first round halves "
-                   "(target x 2^rounds; default 8 x --target-steps: three rounds)")
-    p.add_argument("--teacher-eta", type=float, default=0.0,
+    p.add_argument("--target-steps", type=int, default=8, help="distill-steps: the student's sampling steps (default: "
+                   "%(default)s, the fewest that drew within the sampler sweep's tolerances: docs/distillation.md)")
+    p.add_argument("--from-steps", type=int, default=32, help="distill-steps: the teacher's steps that the first round halves "
+                   "(--target-steps x 2^rounds; default: %(default)s)")
+    p.add_argument("--teacher-eta", type=float, default=1.0,
                    help="distill-steps: the DDIM eta of the teacher's steps the student learns, and its sampling default "
-                        "(0: deterministic, as Salimans and Ho; 1: ancestral, the student learning their mean)")
+                        "(1, the default: ancestral, the student learning their mean; 0: deterministic, as Salimans and Ho, "
+                        "which keeps the deterministic samplers' grain: docs/distillation.md)")
     p.add_argument("--steps", type=int, required=True, help="optimizer steps in total for this run")
     p.add_argument("--batch-size", type=int, help="per-worker micro-batch (default: the config's)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -114,7 +116,7 @@ def _student_config(args: TrainSpec) -> SDMConfig:
     timesteps: tuple[int, ...] = ()
     if args.stage == "distill-steps":
         try:
-            timesteps = tuple(halving_grids(teacher.diffusion.num_timesteps, args.halving_from, args.target_steps)[-1])
+            timesteps = tuple(halving_grids(teacher.diffusion.num_timesteps, args.from_steps, args.target_steps)[-1])
         except ValueError as e:
             raise SDMError(f"--from-steps, --target-steps: {e}") from None
     if not 0 <= args.teacher_eta <= 1:
@@ -124,7 +126,7 @@ def _student_config(args: TrainSpec) -> SDMConfig:
         raise SDMError(f"--guidance-range must satisfy 0 <= LOW <= HIGH <= {MAX_GUIDANCE:g}, got {lo:g} {hi:g}")
     return student_config(teacher, "guidance" if args.stage == "distill-guidance" else "progressive", model_id(args.teacher),
                           args.teacher, guidance_range=(lo, hi), timesteps=timesteps,
-                          from_steps=args.halving_from if timesteps else 0, eta=args.teacher_eta if timesteps else 0.0,
+                          from_steps=args.from_steps if timesteps else 0, eta=args.teacher_eta if timesteps else 0.0,
                           optimizer_steps=args.steps,
                           lr=args.lr or teacher.train.finetune_lr)
 

@@ -246,7 +246,7 @@ def test_init_refuses_a_teacher_of_another_shape(random_tiny_net, tiny_cfg):
     (["--stage", "distill-steps"], "--stage distill-steps needs --teacher: the model to distil"),
     (["--stage", "pretrain", "--teacher", "{teacher}"], r"--stage pretrain needs --preset or --config \(--teacher is for distillation\)"),
     (["--stage", "distill-steps", "--teacher", "{teacher}", "--from-steps", "12"],
-     r"--from-steps, --target-steps: from_steps \(12\) must be target_steps \(4\) times 2, 4, 8"),
+     r"--from-steps, --target-steps: from_steps \(12\) must be target_steps \(8\) times 2, 4, 8"),
     (["--stage", "distill-guidance", "--teacher", "{teacher}", "--guidance-range", "3", "1"],
      "--guidance-range must satisfy 0 <= LOW <= HIGH <= 100, got 3 1"),
     (["--stage", "distill-guidance", "--teacher", "{missing}"], "no model at"),
