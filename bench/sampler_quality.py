@@ -280,10 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     log("")
 
     def draw(sampler: str, steps: int, eta: float, cache: int = 1) -> tuple[np.ndarray, float]:
-        t0 = time.perf_counter()
-        images = pipe([m["label"] for m in maps], instances=[m["instance"] for m in maps], guidance_scale=guidance,
-                      num_inference_steps=steps, sampler=sampler, eta=eta, seed=args.seed, num_samples=args.k, cache_interval=cache)
-        return images, time.perf_counter() - t0
+        return _draw(pipe, maps, args.k, args.seed, guidance_scale=guidance, num_inference_steps=steps, sampler=sampler,
+                     eta=eta, cache_interval=cache)
 
     settings = [(s, n, args.eta, 1) for s in args.samplers.split(",") for n in (int(v) for v in args.steps.split(","))]
     if "ddim" in args.samplers.split(","):

@@ -58,7 +58,7 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, lo
     )
 
 
-def _take(arr: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def take_rows(arr: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """arr[t] as a [B, 1, 1, 1] tensor broadcastable against `like`."""
     out = torch.from_numpy(arr).to(device=t.device)[t].to(like.dtype)
     return out.reshape(-1, *([1] * (like.dim() - 1)))
@@ -127,36 +127,36 @@ class GaussianDiffusion:
     # forward process
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return _take(self.sqrt_alphas_cumprod, t, x0) * x0 + _take(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        return take_rows(self.sqrt_alphas_cumprod, t, x0) * x0 + take_rows(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
 
     def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean = _take(self.sqrt_alphas_cumprod, t, x0) * x0
-        var = _take(1.0 - self.alphas_cumprod, t, x0).expand_as(x0)
+        mean = take_rows(self.sqrt_alphas_cumprod, t, x0) * x0
+        var = take_rows(1.0 - self.alphas_cumprod, t, x0).expand_as(x0)
         return mean, var
 
     def q_posterior(
         self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
-        mean = _take(self.posterior_mean_coef1, t, xt) * x0 + _take(self.posterior_mean_coef2, t, xt) * xt
-        var = _take(self.posterior_variance, t, xt).expand_as(xt)
-        logvar = _take(self.posterior_log_variance_clipped, t, xt).expand_as(xt)
+        mean = take_rows(self.posterior_mean_coef1, t, xt) * x0 + take_rows(self.posterior_mean_coef2, t, xt) * xt
+        var = take_rows(self.posterior_variance, t, xt).expand_as(xt)
+        logvar = take_rows(self.posterior_log_variance_clipped, t, xt).expand_as(xt)
         return mean, var, logvar
 
     # reverse process
 
     def predict_x0(self, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        return _take(self.sqrt_recip_alphas_cumprod, t, xt) * xt - _take(self.sqrt_recipm1_alphas_cumprod, t, xt) * eps
+        return take_rows(self.sqrt_recip_alphas_cumprod, t, xt) * xt - take_rows(self.sqrt_recipm1_alphas_cumprod, t, xt) * eps
 
     def eps_from_x0(self, xt: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        return (_take(self.sqrt_recip_alphas_cumprod, t, xt) * xt - x0) / _take(self.sqrt_recipm1_alphas_cumprod, t, xt)
+        return (take_rows(self.sqrt_recip_alphas_cumprod, t, xt) * xt - x0) / take_rows(self.sqrt_recipm1_alphas_cumprod, t, xt)
 
     def model_log_variance(self, pred: ModelPrediction, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Learned range: exp(v' log beta_t + (1 - v') log beta~_t), v' = (v + 1) / 2; else beta~_t."""
-        min_log = _take(self.posterior_log_variance_clipped, t, like)
+        min_log = take_rows(self.posterior_log_variance_clipped, t, like)
         if pred.v is None:
             return min_log.expand_as(like)
-        max_log = _take(np.log(self.betas), t, like)
+        max_log = take_rows(np.log(self.betas), t, like)
         frac = (pred.v + 1) / 2
         return frac * max_log + (1 - frac) * min_log
 

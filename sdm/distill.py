@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from sdm.config import SamplingParams, SDMConfig, StudentConfig
-from sdm.diffusion import GaussianDiffusion, spaced_steps
+from sdm.diffusion import GaussianDiffusion, spaced_steps, take_rows
 from sdm.samplers import guided_output
 from sdm.unet import SDMUNet
 
@@ -71,17 +71,12 @@ def init_student(teacher: nn.Module, config: SDMConfig) -> SDMUNet:
     return student
 
 
-def _rows(arr: np.ndarray, idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """arr[idx] per row, as [B, 1, 1, 1] float32 on like's device."""
-    return torch.from_numpy(np.asarray(arr, np.float64)).to(idx.device)[idx].to(torch.float32).to(like.device).view(-1, 1, 1, 1)
-
-
 def ddim_step(d: GaussianDiffusion, i: torch.Tensor, x: torch.Tensor, x0: torch.Tensor, eta: float = 0.0,
               noise: torch.Tensor | None = None) -> torch.Tensor:
     """The DDIM update from step index i of `d` to i - 1 (the clean image from i = 0), per row, as sdm.samplers.DDIM
     takes it: with `eta` > 0 its mean, plus sigma * noise where noise is given."""
-    a, a_prev = _rows(d.alphas_cumprod, i, x), _rows(d.alphas_cumprod_prev, i, x)
-    eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+    a, a_prev = take_rows(d.alphas_cumprod, i, x), take_rows(d.alphas_cumprod_prev, i, x)
+    eps = d.eps_from_x0(x, i, x0)
     sigma = eta * ((1 - a_prev) / (1 - a)).sqrt() * (1 - a / a_prev).sqrt()
     out = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
     return out if noise is None else out + sigma * noise
@@ -186,6 +181,6 @@ class ProgressiveDistillation:
             out = net(xt, ds.model_timesteps(i), label, guidance=w)
         landed = ddim_step(ds, i, xt, ds.predict_x0(xt, i, ds.split_output(out.float()).eps), self.eta)
         mse = _mean_flat((landed - target) ** 2)
-        noise_var = _rows(1 - ds.alphas_cumprod_prev, i, xt).view(-1)
+        noise_var = take_rows(1 - ds.alphas_cumprod_prev, i, xt).view(-1)
         t = torch.from_numpy(ds.timesteps).to(i.device)[i]
         return {"loss": mse / torch.where(i > 0, noise_var, torch.ones_like(noise_var)), "mse": mse, "t": t}
