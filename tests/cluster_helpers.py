@@ -128,6 +128,16 @@ class Cluster:
             env=self.node_env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )
 
+    def stop(self, drain_s: float = 5) -> None:
+        """Give each node `drain_s` to stop by itself, kill what is left of it, print the nodes' `ray start` output
+        (pytest shows it when the test failed) and remove the temp dir."""
+        for kind in ("worker", "head"):
+            if kind in self.sessions:
+                kill_session(self.sessions.pop(kind), grace=drain_s)
+        self.log.close()
+        print(_log_tail(Path(self.temp_dir) / "ray-start.log", 4000))
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
     def start_worker(self, timeout: float = 120) -> None:
         """Start the worker node (again) and wait until the GCS holds it alive."""
         self._start_node("worker", [f"--address={self.gcs_address}", f"--num-cpus={self.worker_cpus}",
@@ -189,22 +199,18 @@ def kill_session(proc: subprocess.Popen, grace: float = 30) -> None:
     proc.wait()
 
 
-@contextmanager
-def two_node_cluster(s3_server: str, head_cpus: int = 1, worker_cpus: int = 2,
-                     ray_config: dict[str, str] | None = None, drain_s: float = 30) -> Iterator[Cluster]:
-    """A head node (`head_cpus` CPUs, resource "head") and a worker node (`worker_cpus`, resource "worker"),
-    a fresh bucket on `s3_server`; `ray_config` adds RAY_* settings to the nodes' environment. At the end each
-    node gets `drain_s` to stop by itself before what is left of it is killed."""
-    import boto3
+class HeadStartFailed(RuntimeError):
+    """The head node's `ray start --block` ended, or its dashboard stayed silent, within the wait."""
 
-    bucket = f"e2e{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_server, aws_access_key_id="testing", aws_secret_access_key="testing",
-                 region_name="us-east-1").create_bucket(Bucket=bucket)
-    aws = {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    token = secrets.token_hex(32)
-    env = {**os.environ, **aws, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-    env.pop("RAY_ADDRESS", None)
+
+def _log_tail(path: Path, chars: int = 3000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else f"(no {path.name})"
+
+
+def _start_head(env: dict[str, str], bucket: str, s3_server: str, head_cpus: int, worker_cpus: int,
+                ray_config: dict[str, str] | None, timeout: float) -> Cluster:
+    """Start the head node on fresh ports in a fresh temp dir and wait until its dashboard answers. A head that
+    exits or stays silent is torn down and reported with its `ray start` output and dashboard log."""
     gcs, dashboard = free_port(), free_port()
     # RAY_API_SERVER_ADDRESS: state API calls made inside the cluster without an address (Ray Train's placement
     # group cleaner asks whether its controller is alive) go to this cluster's dashboard, not to whichever Ray
@@ -212,22 +218,55 @@ def two_node_cluster(s3_server: str, head_cpus: int = 1, worker_cpus: int = 2,
     node_env = {**env, "PYTHONPATH": str(ROOT), "RAY_metrics_report_interval_ms": "1000",
                 "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}", **(ray_config or {})}
     temp_dir = tempfile.mkdtemp(prefix="sdme2e-", dir="/tmp")  # short: Ray's socket paths live under it
-    log_path = Path(temp_dir) / "ray-start.log"
     c = Cluster(env, f"http://127.0.0.1:{dashboard}", bucket, s3_server, (0, 0), temp_dir,
-                gcs_address=f"127.0.0.1:{gcs}", worker_cpus=worker_cpus, node_env=node_env, log=open(log_path, "w"))
+                gcs_address=f"127.0.0.1:{gcs}", worker_cpus=worker_cpus, node_env=node_env,
+                log=open(Path(temp_dir) / "ray-start.log", "w"))
+    c._start_node("head", ["--head", f"--port={gcs}", f"--num-cpus={head_cpus}", '--resources={"head": 1}',
+                           "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                           f"--ray-client-server-port={free_port()}"])
+    auth = {"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"}
+
+    def answers() -> bool:
+        if c.sessions["head"].poll() is not None:
+            raise HeadStartFailed(f"`ray start --head` exited with {c.sessions['head'].returncode}")
+        return requests.get(f"{c.dashboard}/api/version", headers=auth, timeout=5).ok
+
     try:
-        c._start_node("head", ["--head", f"--port={gcs}", f"--num-cpus={head_cpus}", '--resources={"head": 1}',
-                               "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                               f"--ray-client-server-port={free_port()}"])
-        auth = {"Authorization": f"Bearer {token}"}
-        wait_for("the head node's dashboard answers",
-                 lambda: requests.get(f"{c.dashboard}/api/version", headers=auth, timeout=5).ok, 120)
+        wait_for("the head node's dashboard answers", answers, timeout)
+        return c
+    except (HeadStartFailed, TimeoutError) as e:
+        logs = Path(temp_dir) / "session_latest" / "logs"
+        report = (f"{e}\n--- ray start\n{_log_tail(Path(temp_dir) / 'ray-start.log')}\n--- dashboard.log\n"
+                  f"{_log_tail(logs / 'dashboard.log')}\n--- dashboard.err\n{_log_tail(logs / 'dashboard.err')}")
+        c.stop(drain_s=5)
+        raise HeadStartFailed(report) from e
+
+
+@contextmanager
+def two_node_cluster(s3_server: str, head_cpus: int = 1, worker_cpus: int = 2,
+                     ray_config: dict[str, str] | None = None, drain_s: float = 5) -> Iterator[Cluster]:
+    """A head node (`head_cpus` CPUs, resource "head") and a worker node (`worker_cpus`, resource "worker"),
+    a fresh bucket on `s3_server`; `ray_config` adds RAY_* settings to the nodes' environment. At the end each
+    node gets `drain_s` to stop by itself before what is left of it is killed. A head whose dashboard does not
+    answer within 90 s is started once more on fresh ports (a busy machine can starve one start): the first
+    failure's logs are printed, the second's raised."""
+    import boto3
+
+    bucket = f"e2e{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server, aws_access_key_id="testing", aws_secret_access_key="testing",
+                 region_name="us-east-1").create_bucket(Bucket=bucket)
+    aws = {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {**os.environ, **aws, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        c = _start_head(env, bucket, s3_server, head_cpus, worker_cpus, ray_config, timeout=90)
+    except HeadStartFailed as first:
+        print(f"first head start failed; starting it again on fresh ports:\n{first}")
+        c = _start_head(env, bucket, s3_server, head_cpus, worker_cpus, ray_config, timeout=90)
+    try:
         c.start_worker()
         yield c
     finally:
-        for kind in ("worker", "head"):
-            if kind in c.sessions:
-                kill_session(c.sessions.pop(kind), grace=drain_s)
-        c.log.close()
-        print(log_path.read_text()[-4000:])  # shown by pytest when the test failed
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        c.stop(drain_s)
