@@ -61,9 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8, help="per worker")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--samples-per-label", type=int, default=2, help="generated images per validation label map")
+    p.add_argument("--segmenter-steps", type=int, default=SEGMENTER_STEPS,
+                   help="training steps of the built-in segmenter that scores label consistency")
     args = p.parse_args(argv)
     if args.samples_per_label < 2:
         p.error("--samples-per-label must be >= 2: diversity compares the samples of one label map")
+    if args.segmenter_steps < 1:
+        p.error(f"--segmenter-steps must be >= 1, got {args.segmenter_steps}")
     start = time.perf_counter()
     data, pre, ft, gen, report = (storage.join(args.out, d) for d in ("data", "pretrain", "finetune", "generated", "eval"))
 
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {card.split_sizes} in {len(card.shards)} shards")
     # The built-in segmenter scores the label consistency of the training's validation draws, of every generated pair
     # and of the evaluation: trained once (same data, steps and cache).
-    segmenter = builtin_segmenter(data, SEGMENTER_STEPS, storage.join(args.out, "cache"), lambda msg: print(msg, flush=True))
+    segmenter = builtin_segmenter(data, args.segmenter_steps, storage.join(args.out, "cache"), lambda msg: print(msg, flush=True))
 
     # The tiny preset's EMA decay (0.995) would still hold 30% of the random initialisation after 240 steps:
     # the exported EMA weights of a run this short would draw noise. 0.98 averages over the last ~50 steps.
@@ -92,14 +96,14 @@ def main(argv: list[str] | None = None) -> int:
 
     _banner(f"4/6 bulk generation on Ray Data: {args.samples_per_label} images per validation label map -> {gen}")
     if status := generate.run(GenerateSpec(model=ft, labels=data, split="val", out=gen, samples_per_label=args.samples_per_label,
-                                           segmenter_steps=SEGMENTER_STEPS, cache_dir=storage.join(args.out, "cache"))):
+                                           segmenter_steps=args.segmenter_steps, cache_dir=storage.join(args.out, "cache"))):
         if status == EXIT_REFUSED and storage.exists(storage.join(gen, SETTINGS_FILE)):
             print(f"{gen} was generated with other settings (by an older version?): remove it to generate it again",
                   file=sys.stderr)
         return status
 
     _banner(f"5/6 evaluation of the generated dataset against the real validation images -> {report}")
-    results = _evaluate(data, gen, report, args.out)
+    results = _evaluate(data, gen, report, args.out, args.segmenter_steps)
     print(summary(results))
 
     _banner("6/6 guided samples of validation label maps")
@@ -127,18 +131,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _evaluate(data: str, gen: str, report: str, out: str) -> dict:
+def _evaluate(data: str, gen: str, report: str, out: str, segmenter_steps: int) -> dict:
     """The built-in segmenter's mIoU (also on the real images), its Frechet distance, the spectrum against the
     real images (grain and blur) and the diversity (LPIPS with its weights, else low-pass pixel L1);
-    a report of this very generated dataset (same card checksum) with these metrics is reused."""
+    a report of this very generated dataset (same card checksum) with these metrics and segmenter is reused."""
     metrics = ("miou", "segmenter-fd", "spectrum", "diversity")
     done = storage.join(report, "results.json")
     if storage.exists(done):
         results = json.loads(storage.read_bytes(done))
-        if results["generated"]["checksum"] == open_set(gen).checksum and results["settings"]["metrics"] == list(metrics):
+        prior = results["settings"]
+        if (results["generated"]["checksum"] == open_set(gen).checksum and prior["metrics"] == list(metrics)
+                and prior["segmenter_steps"] == segmenter_steps):
             print("complete already; reusing it")
             return results
-    settings = EvalSettings(real=data, generated=gen, out=report, metrics=metrics, segmenter_steps=SEGMENTER_STEPS,
+    settings = EvalSettings(real=data, generated=gen, out=report, metrics=metrics, segmenter_steps=segmenter_steps,
                             cache_dir=storage.join(out, "cache"))
     return evaluate(settings, log=lambda msg: print(msg, flush=True))
 

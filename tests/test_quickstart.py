@@ -36,7 +36,7 @@ def _digests(root: Path) -> dict[str, str]:
 def test_a_second_quickstart_reuses_everything_and_changes_no_file(tmp_path):
     out = tmp_path / "quickstart"
     cmd = [sys.executable, "-m", "jobs.quickstart", "--out", str(out), "--samples", "48", "--pretrain-steps", "4",
-           "--finetune-steps", "2", "--num-workers", "1", "--samples-per-label", "2"]
+           "--finetune-steps", "2", "--num-workers", "1", "--samples-per-label", "2", "--segmenter-steps", "50"]
     t0 = time.monotonic()
     first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
     t1 = time.monotonic()

@@ -129,9 +129,9 @@ def memorised():
 # early eps); the bounds are about 2 dB under the worse seed. A mid-grey image scores 10.3 dB. DDPM with the arguments
 # of q_posterior swapped (x_t taken for x_0) scores 18.9 dB at 50 steps (seed 0), so the 50-step case fails; at 1000
 # steps that mistake lands on the memorised x_0 (34.9 dB): this test guards the whole road, the closed-form sampler
-# tests the arithmetic. The old fixture (constant learning rate) pooled 16.3 dB at seed 1 (ddpm-1000).
-@pytest.mark.parametrize("method,steps,min_db", [("ddpm", 1000, 20.0), ("ddpm", 50, 21.0), ("ddim", 50, 22.0),
-                                                 ("dpm++", 20, 13.5)])
+# tests the arithmetic. 1000 steps take the same road as 50 (every grid is a respacing, the full one keeping every
+# step) and their arithmetic is in the oracle test below, so the 48 s 1000-step case is left to that test.
+@pytest.mark.parametrize("method,steps,min_db", [("ddpm", 50, 21.0), ("ddim", 50, 22.0), ("dpm++", 20, 13.5)])
 def test_memorised_pair_is_reproduced_by_every_sampler(memorised, method, steps, min_db):
     net, cfg, label, target = memorised
     # the sampling settings through the model's defaults, so the test does not depend on the pipeline's keywords
