@@ -141,7 +141,7 @@ def _evaluate(data: str, gen: str, report: str, out: str, segmenter_steps: int) 
         results = json.loads(storage.read_bytes(done))
         prior = results["settings"]
         if (results["generated"]["checksum"] == open_set(gen).checksum and prior["metrics"] == list(metrics)
-                and prior["segmenter_steps"] == segmenter_steps):
+                and prior.get("segmenter_steps") == segmenter_steps):
             print("complete already; reusing it")
             return results
     settings = EvalSettings(real=data, generated=gen, out=report, metrics=metrics, segmenter_steps=segmenter_steps,
